@@ -1,0 +1,14 @@
+"""Errors a user can act on. The CLI prints ``str(err)`` as one line and exits with ``err.exit_code``."""
+from __future__ import annotations
+
+
+class EdgepruneError(Exception):
+    """Bad input or usage: one line naming what is wrong and how to fix it (exit code 2)."""
+
+    exit_code = 2
+
+
+class BudgetError(EdgepruneError):
+    """A device budget cannot be met by any plan (exit code 3)."""
+
+    exit_code = 3
