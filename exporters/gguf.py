@@ -1,0 +1,493 @@
+"""GGUF writer for dense and per-layer pruned LLaMA-family models, and quantization through llama.cpp.
+
+Facts this module relies on (llama.cpp ``src/llama-model.cpp``, ``src/models/{llama,deci}.cpp``,
+``src/llama-quant.cpp``, read at the version vendored by llama-cpp-python 0.3.36):
+
+* Arch ``llama`` sizes every layer's tensors and graph from layer 0 (``hparams.n_head()``), so it only serves
+  models whose layers all have the same shape. Arch ``deci`` reads ``head_count``, ``head_count_kv`` and
+  ``feed_forward_length`` per layer (arrays) for tensors, graph and KV cache.
+* Both create optional ``attn_q/k/v.bias`` (sized per layer), ``attn_output.bias`` and ``ffn_down.bias``
+  ({n_embd}) and add them in the graph, so Qwen2's q/k/v biases and FLAP's bias compensation are exported exactly.
+* deci: ``n_ff == 0`` skips the *whole* layer, attention output included (``continue`` before the residual), and
+  ``n_head == 0`` means attention-free. A layer with zero MLP channels is therefore written with a **zero-weight
+  FFN of 32 channels** (gate = up = down = 0 gives silu(0)·0 = 0, exact), and reported as padded. A layer with
+  zero attention heads is refused (the HF model cannot run it either; layer 0 would also break ``n_rot``).
+* llama.cpp applies RoPE to adjacent pairs (GGML "normal" mode) while HF rotates halves, so q/k rows (and the
+  q/k biases) are permuted per head: ``w.reshape(n, 2, hd/2, ...).swapaxes(1, 2)``.
+* Quantization fallback (``tensor_type_fallback``): a tensor whose row length ``ne[0]`` (= the Linear's
+  ``in_features``: hidden, n_q·head_dim for attn_output, n_ff for ffn_down) is not divisible by the block size
+  of its target type (32 for Q8_0, 256 for K-quants) falls back: Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, and to F16
+  when the row length is not a multiple of 32 either.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.errors import EdgepruneError
+
+QUANTS = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama_ftype values
+FLOATS = ("f32", "f16")
+BLOCK = {"q8_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
+ZERO_FFN_PAD = 32
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class Fallback:
+    tensor: str
+    row_len: int
+    wanted: str          # the type llama.cpp wanted (from its log; the nominal type if the log was not seen)
+    got: str             # the type actually stored
+    bytes: int           # bytes stored
+    bytes_wanted: int    # bytes at the wanted type
+    predicted: bool      # the row-length rule predicted it
+    logged: bool         # llama.cpp logged it as a fallback (output.weight is re-typed silently, see quantize)
+
+
+@dataclass
+class QuantReport:
+    quant: str
+    n_tensors_quantized: int
+    fallbacks: list[Fallback] = field(default_factory=list)
+    predicted_not_seen: list[str] = field(default_factory=list)   # rule says fallback, file disagrees (expect [])
+    growth_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def growth_mb(self) -> float:
+        return self.growth_bytes / 1e6
+
+
+@dataclass
+class GGUFSummary:
+    path: str
+    arch: str
+    quant: str
+    file_mb: float
+    n_layers: int
+    heads: list[int]
+    kv_heads: list[int]
+    ffn: list[int]
+    tokenizer: str
+    biases: list[str]
+    padded_ffn_layers: list[int]
+    notes: list[str]
+    quant_report: QuantReport | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.quant_report is not None:
+            d["quant_report"]["growth_mb"] = round(self.quant_report.growth_mb, 4)
+            d["quant_report"]["n_fallbacks"] = len(self.quant_report.fallbacks)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- tensors
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> GGML adjacent-pair order, per head (works for weights [n·hd, H] and biases)."""
+    if n_head == 0:
+        return w
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _np(t) -> np.ndarray:
+    import torch
+
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def _layer_tensors(layer, hd: int, pad_ffn: bool) -> dict[str, np.ndarray]:
+    a, m = layer.self_attn, layer.mlp
+    nq, nkv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
+    t = {"attn_norm.weight": _np(layer.input_layernorm.weight),
+         "ffn_norm.weight": _np(layer.post_attention_layernorm.weight),
+         "attn_q.weight": permute_qk(_np(a.q_proj.weight), nq),
+         "attn_k.weight": permute_qk(_np(a.k_proj.weight), nkv),
+         "attn_v.weight": _np(a.v_proj.weight),
+         "attn_output.weight": _np(a.o_proj.weight)}
+    if a.q_proj.bias is not None:
+        t["attn_q.bias"] = permute_qk(_np(a.q_proj.bias), nq)
+        t["attn_k.bias"] = permute_qk(_np(a.k_proj.bias), nkv)
+        t["attn_v.bias"] = _np(a.v_proj.bias)
+    if a.o_proj.bias is not None:
+        t["attn_output.bias"] = _np(a.o_proj.bias)
+    H = layer.input_layernorm.weight.shape[0]
+    if pad_ffn:
+        t["ffn_gate.weight"] = np.zeros((ZERO_FFN_PAD, H), np.float32)
+        t["ffn_up.weight"] = np.zeros((ZERO_FFN_PAD, H), np.float32)
+        t["ffn_down.weight"] = np.zeros((H, ZERO_FFN_PAD), np.float32)
+    else:
+        t["ffn_gate.weight"] = _np(m.gate_proj.weight)
+        t["ffn_up.weight"] = _np(m.up_proj.weight)
+        t["ffn_down.weight"] = _np(m.down_proj.weight)
+    for name in ("gate_proj", "up_proj"):
+        if getattr(m, name).bias is not None:
+            if pad_ffn:
+                raise EdgepruneError("a zero-MLP layer with gate/up biases cannot be represented; remove mlp_bias")
+            t[f"ffn_{name.split('_')[0]}.bias"] = _np(getattr(m, name).bias)
+    if m.down_proj.bias is not None:
+        t["ffn_down.bias"] = _np(m.down_proj.bias)
+    return t
+
+
+def _rope(cfg) -> tuple[dict, np.ndarray | None]:
+    """RoPE hyper-parameters; for Llama-3 scaling also the per-frequency divisors llama.cpp reads as rope_freqs.
+
+    llama3 rule per frequency f (wavelength λ = 2π/f): λ < L/hf -> 1; λ > L/lf -> factor; else smoothly
+    1 / ((1-s)/factor + s) with s = (L/λ - lf)/(hf - lf), L = original_max_position_embeddings.
+    """
+    theta = float(getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    rs = getattr(cfg, "rope_scaling", None) or {}
+    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+    hd = cfg.head_dim
+    out = {"theta": theta, "kind": kind}
+    if kind == "default":
+        return out, None
+    if kind == "linear":
+        out["factor"] = float(rs["factor"])
+        return out, None
+    if kind == "llama3":
+        factor, lf, hf = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
+        L = float(rs.get("original_max_position_embeddings", 8192))
+        freqs = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+        div = []
+        for f in freqs:
+            lam = 2 * math.pi / f
+            if lam < L / hf:
+                div.append(1.0)
+            elif lam > L / lf:
+                div.append(factor)
+            else:
+                s = (L / lam - lf) / (hf - lf)
+                div.append(1.0 / ((1 - s) / factor + s))
+        return out, np.asarray(div, np.float32)
+    raise EdgepruneError(f"rope_scaling type '{kind}' is not supported by the GGUF exporter (default, linear, llama3 are)")
+
+
+# ----------------------------------------------------------------------------------------------- vocab
+def _tok_json(src: Path) -> dict | None:
+    p = src / "tokenizer.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _added(tj: dict | None) -> dict[int, tuple[str, bool]]:
+    return {t["id"]: (t["content"], bool(t.get("special"))) for t in (tj or {}).get("added_tokens", [])}
+
+
+def _pad(tokens: list, scores: list, types: list, V: int) -> None:
+    import gguf
+
+    if len(tokens) > V:
+        raise EdgepruneError(f"tokenizer has {len(tokens)} tokens but the model's vocab_size is {V}; "
+                             "the tokenizer does not belong to this model")
+    for i in range(len(tokens), V):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+
+
+def _vocab_spm(w, src: Path, V: int) -> None:
+    import gguf
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(float(sp.get_score(i)))
+        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
+                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
+                     else gguf.TokenType.NORMAL)
+    for i, (content, special) in sorted(_added(_tok_json(src)).items()):
+        ttype = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+        if i < len(tokens):
+            types[i] = ttype if special else types[i]
+            continue
+        while len(tokens) < i:
+            tokens.append(f"[PAD{len(tokens)}]".encode()); scores.append(-1000.0); types.append(gguf.TokenType.UNUSED)
+        tokens.append(content.encode("utf-8")); scores.append(0.0); types.append(ttype)
+    _pad(tokens, scores, types, V)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+
+
+def _byte_level(node: dict | None) -> bool:
+    if not node:
+        return False
+    if node.get("type") == "ByteLevel":
+        return True
+    return any(_byte_level(n) for n in node.get("pretokenizers", []) or [])
+
+
+def _split_regexes(node: dict | None) -> list[str]:
+    if not node:
+        return []
+    out = []
+    if node.get("type") == "Split":
+        out.append((node.get("pattern") or {}).get("Regex", ""))
+    for n in node.get("pretokenizers", []) or []:
+        out += _split_regexes(n)
+    return out
+
+
+def bpe_pre(tj: dict) -> str:
+    """llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.json, from its split regex:
+    Llama-3 splits digits in runs of 1-3 (``\\p{N}{1,3}``) -> ``llama-bpe``; Qwen2 splits single digits
+    (``\\p{N}`` after the letter rules) -> ``qwen2``; plain ByteLevel regex -> ``gpt2``."""
+    rx = " ".join(_split_regexes(tj.get("pre_tokenizer")))
+    if not rx:
+        return "gpt2"
+    if "\\p{N}{1,3}" in rx:
+        return "llama-bpe"
+    if "\\p{L}+|\\p{N}|" in rx:
+        return "qwen2"
+    return "default"
+
+
+def _vocab_bpe(w, src: Path, tj: dict, V: int) -> str:
+    import gguf
+
+    vocab = dict(tj["model"]["vocab"])
+    added = _added(tj)
+    for i, (content, _) in added.items():
+        vocab[content] = i
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, scores, types = [], [], []
+    for i in range(max(by_id) + 1):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]".encode()); types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i].encode("utf-8"))
+            types.append((gguf.TokenType.CONTROL if added[i][1] else gguf.TokenType.USER_DEFINED) if i in added
+                         else gguf.TokenType.NORMAL)
+        scores.append(0.0)
+    _pad(tokens, scores, types, V)
+    pre = bpe_pre(tj)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    return pre
+
+
+def write_vocab(w, src: Path, V: int) -> str:
+    """SentencePiece (``tokenizer.model``) or byte-level BPE (``tokenizer.json``), plus special token ids,
+    add_bos/add_eos and the chat template (via ``gguf.SpecialVocab``). Returns a description."""
+    import gguf
+
+    tj = _tok_json(src)
+    if (src / "tokenizer.model").is_file():
+        _vocab_spm(w, src, V)
+        kind = "spm"
+        merges = False
+    elif tj and tj.get("model", {}).get("type") == "BPE" and _byte_level(tj.get("pre_tokenizer")):
+        kind = f"bpe/{_vocab_bpe(w, src, tj, V)}"
+        merges = True
+    else:
+        what = (tj or {}).get("model", {}).get("type", "none")
+        raise EdgepruneError(f"{src}: tokenizer type '{what}' cannot be written to GGUF; llama.cpp needs a "
+                             "SentencePiece tokenizer.model or a byte-level BPE tokenizer.json")
+    import logging
+
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)   # "Unknown separator token" chatter
+    sv = gguf.SpecialVocab(src, load_merges=merges, n_vocab=V)
+    sv.add_to_gguf(w, quiet=True)
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------- writer
+def _check_shapes(model) -> tuple[list[int], list[int], list[int], list[int]]:
+    from edgeprune.models import head_dim, layer_shapes
+
+    hd = head_dim(model)
+    heads, kv, ffn, padded = [], [], [], []
+    for i, s in enumerate(layer_shapes(model)):
+        if s.num_attention_heads == 0 or s.num_key_value_heads == 0:
+            raise EdgepruneError(f"layer {i} has no attention heads left; llama.cpp (and HF) cannot run an "
+                                 "attention-free LLaMA layer of this kind; keep at least one KV group per layer")
+        heads.append(s.num_attention_heads)
+        kv.append(s.num_key_value_heads)
+        if s.intermediate_size == 0:
+            padded.append(i)
+        ffn.append(s.intermediate_size or ZERO_FFN_PAD)
+    if hd % 2:
+        raise EdgepruneError(f"head_dim {hd} is odd; RoPE needs an even head_dim")
+    return heads, kv, ffn, padded
+
+
+def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "f32") -> GGUFSummary:
+    """Write ``model`` (HF Llama/Mistral/Qwen2 with per-layer shapes) as a GGUF at ``dtype`` f32 or f16.
+
+    2-D weights are stored at ``dtype``; norms and biases always as f32. The output is written atomically.
+    """
+    import gguf
+
+    from edgeprune.models import head_dim
+    from edgeprune.paths import atomic_file
+
+    if dtype not in FLOATS:
+        raise EdgepruneError(f"GGUF float type '{dtype}' unknown; use f32 or f16 (or a --quant type)")
+    cfg = model.config
+    hd = head_dim(model)
+    heads, kv, ffn, padded = _check_shapes(model)
+    uniform = len(set(zip(heads, kv, ffn))) == 1
+    arch = "llama" if uniform else "deci"
+    notes = []
+    sw = getattr(cfg, "sliding_window", None)
+    if sw and sw < getattr(cfg, "max_position_embeddings", 0):
+        notes.append(f"sliding_window={sw} is not applied by llama.cpp's llama/deci graph; contexts beyond it differ")
+    rope, rope_freqs = _rope(cfg)
+    V, H, L = cfg.vocab_size, cfg.hidden_size, len(heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+    out = Path(out)
+    biases = set()
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
+        w.add_block_count(L)
+        w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+        w.add_embedding_length(H)
+        w.add_feed_forward_length(ffn[0] if uniform else ffn)
+        w.add_head_count(heads[0] if uniform else heads)
+        w.add_head_count_kv(kv[0] if uniform else kv)
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+        w.add_rope_dimension_count(hd)
+        w.add_rope_freq_base(rope["theta"])
+        if rope["kind"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(V)
+        w.add_file_type(ftype)
+        kind = write_vocab(w, Path(tokenizer_dir), V)
+
+        def add(name: str, arr: np.ndarray) -> None:
+            if arr.ndim >= 2 and dtype == "f16":
+                arr = arr.astype(np.float16)
+            w.add_tensor(name, np.ascontiguousarray(arr))
+
+        add("token_embd.weight", _np(model.model.embed_tokens.weight))
+        if rope_freqs is not None:
+            add("rope_freqs.weight", rope_freqs)
+        for i, layer in enumerate(model.model.layers):
+            for name, arr in _layer_tensors(layer, hd, i in padded).items():
+                if name.endswith(".bias"):
+                    biases.add(name.split(".")[0])
+                add(f"blk.{i}.{name}", arr)
+        add("output_norm.weight", _np(model.model.norm.weight))
+        if not tied:
+            add("output.weight", _np(model.lm_head.weight))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    if padded:
+        notes.append(f"layers {padded} have no MLP channels; written with a {ZERO_FFN_PAD}-channel zero FFN "
+                     "(deci would otherwise skip the whole layer); output is identical")
+    return GGUFSummary(str(out), arch, dtype, out.stat().st_size / 1e6, L, heads, kv, ffn, kind, sorted(biases),
+                       padded, notes)
+
+
+# ----------------------------------------------------------------------------------------------- quantize
+def predict_fallbacks(path: str | Path, quant: str) -> list[tuple[str, int]]:
+    """Tensors whose row length breaks the block rule for ``quant``: [(name, row_len)]. Only 2-D ``*.weight``
+    tensors are quantized (norms and biases stay f32)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    blk = BLOCK[quant]
+    return [(t.name, int(t.shape[0])) for t in r.tensors
+            if t.name.endswith(".weight") and len(t.shape) == 2 and int(t.shape[0]) % blk]
+
+
+def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 2) -> QuantReport:
+    """Quantize a f32/f16 GGUF with ``llama_model_quantize``; report every tensor that fell back to another type
+    and how many bytes that cost compared with the type llama.cpp wanted for it."""
+    import re
+    import time
+
+    import gguf
+
+    from edgeprune.paths import atomic_file
+
+    if quant not in QUANTS:
+        raise EdgepruneError(f"quant '{quant}' unknown; use one of f32, f16, {', '.join(QUANTS)}")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise EdgepruneError("quantized GGUF needs llama-cpp-python; install it with scripts/install.sh "
+                             "(built with GGML_NATIVE=OFF)") from None
+    predicted = dict(predict_fallbacks(src, quant))
+    log = io.StringIO()
+    t0 = time.time()
+    with atomic_file(dst) as tmp:
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype = QUANTS[quant]
+        p.nthread = threads
+        old, sys.stderr = sys.stderr, log        # llama-cpp-python's log callback prints to sys.stderr
+        try:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), llama_cpp.byref(p))
+        finally:
+            sys.stderr = old
+        if rc != 0:
+            raise EdgepruneError(f"llama_model_quantize failed (rc={rc}) for {quant}: {log.getvalue()[-300:]}")
+    secs = time.time() - t0
+    wanted = {m.group(1): m.group(2) for m in
+              re.finditer(r"(\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\w+)\)", log.getvalue())}
+    nominal = {"q8_0": "q8_0", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}[quant]
+    r = gguf.GGUFReader(str(dst))
+    types = {t.name: (t.tensor_type.name, int(t.n_elements), int(t.n_bytes), int(t.shape[0])) for t in r.tensors}
+    n_q = sum(1 for n, (tt, *_) in types.items() if tt not in ("F32",))
+    seen_log = "quantize" in log.getvalue()
+    fbs, missing = [], []
+    for name in sorted(set(predicted) | set(wanted)):
+        tt, n, nb, row = types[name]
+        want = wanted.get(name) or ("q6_K" if name == "output.weight" and BLOCK[quant] == 256 else nominal)
+        if name not in wanted and tt.lower() == want.lower():
+            missing.append(name)          # rule predicted a fallback that did not happen
+            continue
+        bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want.upper()]]
+        fbs.append(Fallback(name, row, want, tt.lower(), nb, int(n / bs * ts), name in predicted, name in wanted))
+    return QuantReport(quant, n_q, fbs, missing if seen_log else [], sum(f.bytes - f.bytes_wanted for f in fbs), round(secs, 3))
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16", threads: int = 2,
+                keep_intermediate: bool = False) -> GGUFSummary:
+    """model dir -> GGUF at ``quant`` (f32, f16, q8_0, q4_k_m, q5_k_m, q6_k). Quantized files are made from an
+    f32 intermediate (f16 if the checkpoint is f16/bf16), written beside ``out`` and removed afterwards."""
+    import torch
+
+    from edgeprune.models import load
+
+    if quant not in FLOATS and quant not in QUANTS:
+        raise EdgepruneError(f"quant '{quant}' unknown; use one of {', '.join(FLOATS + tuple(QUANTS))}")
+    model = load(model_dir)
+    out = Path(out)
+    if out.is_dir():
+        raise EdgepruneError(f"--out {out} is a directory; pass a .gguf file path")
+    if quant in FLOATS:
+        return write_gguf(model, model_dir, out, quant)
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    mid = out.with_name(out.stem + (".f16" if half else ".f32") + ".gguf")
+    s = write_gguf(model, model_dir, mid, "f16" if half else "f32")
+    del model
+    try:
+        rep = quantize(mid, out, quant, threads)
+    finally:
+        if not keep_intermediate:
+            mid.unlink(missing_ok=True)
+    s.path, s.quant, s.file_mb, s.quant_report = str(out), quant, out.stat().st_size / 1e6, rep
+    return s

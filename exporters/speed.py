@@ -1,0 +1,118 @@
+"""Speed and memory of one artifact, measured in a fresh process (``python -m exporters.speed ARTIFACT``).
+
+The child imports only numpy and the runtime (never torch), so its peak RSS is the runtime's. Protocol:
+load (timed) -> warm-up (one prefill + 4 steps) -> ``repeats`` times: prefill of ``prompt`` tokens, then
+``gen`` single-token decode steps. Reported figures are medians over the repeats:
+
+    prefill_tps = prompt / t_prefill      ttft_ms = 1000 · t_prefill (first token's logits ready)
+    decode_tps  = gen / t_decode          peak_rss_mb = VmHWM of the child (whole process)
+
+The token ids are fixed pseudo-random ids (content does not change the cost). GGUFs run with the default F16 KV
+cache and ``logits_all=False`` (what an application would use).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class Speed:
+    load_s: float
+    prefill_tps: float
+    decode_tps: float
+    ttft_ms: float
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    file_mb: float
+    threads: int
+    prompt: int
+    gen: int
+    repeats: int
+    runtime: str
+
+
+def _rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM (reset by exec; ``ru_maxrss`` is not, so a child forked from a big
+    parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3) -> Speed:
+    import numpy as np
+
+    from exporters.runtimes import LlamaCppRuntime, OrtRuntime, artifact_bytes
+
+    base = _rss_mb()
+    t = time.perf_counter()
+    p = Path(artifact)
+    if p.suffix == ".gguf":
+        rt = LlamaCppRuntime(p, n_ctx=prompt + gen + 8, threads=threads, logits_all=False)
+    else:
+        rt = OrtRuntime(p, threads=threads)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    ids = [1] + rng.integers(3, min(rt.vocab or 256, 256), prompt - 1).tolist()
+    rt.prefill(ids[:8])
+    for _ in range(4):
+        rt.step(5)
+    pre, dec = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        last = rt.prefill(ids)
+        pre.append(time.perf_counter() - t)
+        tok = int(last.argmax())
+        t = time.perf_counter()
+        for _ in range(gen):
+            tok = int(rt.step(tok).argmax())
+        dec.append(time.perf_counter() - t)
+    tp, td = statistics.median(pre), statistics.median(dec)
+    return Speed(round(load_s, 4), round(prompt / tp, 2), round(gen / td, 2), round(1000 * tp, 2), round(_rss_mb(), 1),
+                 round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen, repeats, rt.kind)
+
+
+def measure_subprocess(artifact: str | Path, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
+                       timeout: float = 1800) -> dict:
+    """Run :func:`measure` in a child process and return its dict (raises RuntimeError with the child's stderr)."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
+    cmd = [sys.executable, "-m", "exporters.speed", str(artifact), "--threads", str(threads), "--prompt", str(prompt),
+           "--gen", str(gen), "--repeats", str(repeats)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"speed subprocess failed (rc={r.returncode}): {r.stderr[-500:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    s = measure(a.artifact, a.threads, a.prompt, a.gen, a.repeats)
+    print(json.dumps(asdict(s)), flush=True)
+    os._exit(0)   # skip llama-cpp-python's noisy __del__ at interpreter shutdown
+
+
+if __name__ == "__main__":
+    main()
