@@ -319,7 +319,7 @@ def pruned_config(model, provenance: dict | None = None) -> dict:
 
 
 def save(model, out: str | Path, tokenizer_src: str | Path | None = None, provenance: dict | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Write a model in the pruned-model format, atomically (temp sibling, then rename)."""
     from safetensors.torch import save_file
 
@@ -337,6 +337,8 @@ def save(model, out: str | Path, tokenizer_src: str | Path | None = None, proven
         (tmp / "config.json").write_text(json.dumps(pruned_config(model, provenance), indent=2, sort_keys=True) + "\n")
         if tokenizer_src is not None:
             copy_tokenizer(tokenizer_src, tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 

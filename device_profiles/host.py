@@ -1,0 +1,170 @@
+"""The ``host`` profile's figures: measured on this machine, cached, and refined by a saved calibration.
+
+Probes (about 0.5 s in all, run once and cached in ``$EDGEPRUNE_CACHE`` or ``~/.cache/edgeprune/host.json``):
+
+* cores = ``os.cpu_count()``; RAM and available memory from ``psutil``; usable = 0.9 x available at probe time.
+* peak bandwidth = best of 7 ``numpy.copyto`` of a 64 MiB float64 array, counting read + write bytes
+  (one thread, like a single-threaded STREAM copy).
+* compute = best of 5 float32 1024x1024 matmuls (``2*n^3`` FLOP each) through numpy's BLAS.
+
+Defaults that no probe can give (effective-bandwidth factor, runtime overhead, per-token fixed cost) come from
+``../shared/docs/feasibility.md`` Q5 and are marked ``estimated``; :func:`edgeprune.planner.calibrate_host` fits
+them from a measured run and saves them with :func:`save_calibration`; :func:`apply_saved_calibration` reads them
+back at load time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from . import Figure, DeviceProfile, FIGURES
+
+PROBE_VERSION = 1
+
+#: figures no probe measures, per runtime (value, source)
+RUNTIME_DEFAULTS: dict[str, dict[str, tuple[float, str]]] = {
+    "llama.cpp": {
+        "effective_bandwidth_factor": (0.55, "estimated: feasibility.md Q5 fit gives ~10 GB/s for llama.cpp decode "
+                                             "at 1 thread vs ~18-19 GB/s numpy copy here; refit by calibrate_host"),
+        "runtime_overhead_mb": (60.0, "estimated: Python + numpy + llama_cpp shared library resident set; refit by "
+                                      "calibrate_host"),
+        "per_token_overhead_ms": (1.0, "estimated: feasibility.md Q5 fixed cost 4.7-5.0 ms/token at 30 layers, split "
+                                       "as 1.0 ms per eval() call + 0.125 ms per layer"),
+        "per_layer_overhead_ms": (0.125, "estimated: feasibility.md Q5 (see per_token_overhead_ms)"),
+    },
+    "onnxruntime": {
+        "effective_bandwidth_factor": (0.5, "estimated: no ORT decode measurement on this machine yet; refit by "
+                                            "calibrate_host"),
+        "runtime_overhead_mb": (120.0, "estimated: Python + numpy + onnxruntime library and arena; refit by "
+                                       "calibrate_host"),
+        "per_token_overhead_ms": (1.5, "estimated: one InferenceSession.run per token from Python"),
+        "per_layer_overhead_ms": (0.1, "estimated: per-layer kernel launches and past/present KV copies"),
+    },
+}
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("EDGEPRUNE_CACHE") or Path.home() / ".cache" / "edgeprune")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _key() -> str:
+    return f"{socket.gethostname()}|{os.cpu_count()}|{platform.machine()}|v{PROBE_VERSION}"
+
+
+def probe_bandwidth_gbps(mib: int = 64, repeats: int = 7) -> float:
+    """Best-of-N single-thread copy bandwidth in GB/s: ``2 * nbytes / t`` (read + write)."""
+    import numpy as np
+
+    a = np.ones(mib * (1 << 20) // 8)
+    b = np.empty_like(a)
+    np.copyto(b, a)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def probe_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Best-of-N float32 matmul throughput in GFLOP/s: ``2 n^3 / t``."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    x @ x
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def measure() -> dict:
+    """Run the probes (about 0.5 s) and return raw numbers."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    cores = os.cpu_count() or 1
+    return {"key": _key(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": cores,
+            "ram_gb": vm.total / 2 ** 30, "available_mb": vm.available / 2 ** 20,
+            "bandwidth_gbps": probe_bandwidth_gbps(), "gflops": probe_gflops()}
+
+
+def host_measurement(refresh: bool = False) -> dict:
+    """Cached :func:`measure` result for this machine (re-measured when the machine or probe version changes)."""
+    f = cache_dir() / "host.json"
+    if not refresh and f.is_file():
+        try:
+            d = json.loads(f.read_text())
+            if d.get("key") == _key():
+                return d
+        except (OSError, json.JSONDecodeError):
+            pass
+    d = measure()
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, f)
+    return d
+
+
+def host_figures(refresh: bool = False, runtime: str = "llama.cpp") -> dict[str, Figure]:
+    m = host_measurement(refresh)
+    at = f"measured {m['time']}"
+    figs = {
+        "ram_gb": Figure(round(m["ram_gb"], 2), f"{at}: psutil.virtual_memory().total"),
+        "usable_memory_mb": Figure(round(min(0.9 * m["available_mb"], m["ram_gb"] * 1024), 1),
+                                   f"{at}: 0.9 x psutil available memory"),
+        "peak_bandwidth_gbps": Figure(round(m["bandwidth_gbps"], 2), f"{at}: numpy copy probe, 1 thread, best of 7"),
+        "cores": Figure(m["cores"], f"{at}: os.cpu_count()"),
+        "threads": Figure(max(1, m["cores"] // 2), "estimated: llama-cpp-python default n_threads = cores // 2"),
+        "compute_gflops": Figure(round(m["gflops"], 1), f"{at}: numpy float32 1024^3 matmul probe, best of 5"),
+    }
+    for k, (v, src) in RUNTIME_DEFAULTS[runtime].items():
+        figs[k] = Figure(v, src)
+    return figs
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def calibration_file() -> Path:
+    return cache_dir() / "host_calibration.json"
+
+
+def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path:
+    """Store fitted figures for ``runtime`` (merged with what is there), keyed to this machine."""
+    f = calibration_file()
+    try:
+        allc = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        allc = {}
+    allc.setdefault(_key(), {})[runtime] = {k: {"value": v.value, "source": v.source} for k, v in figures.items()
+                                            if k in FIGURES}
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(allc, indent=1))
+    os.replace(tmp, f)
+    return f
+
+
+def saved_calibration(runtime: str) -> dict[str, Figure]:
+    f = calibration_file()
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text()).get(_key(), {}).get(runtime, {})
+        return {k: Figure(float(v["value"]), str(v["source"])) for k, v in d.items() if k in FIGURES}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def apply_saved_calibration(profile: DeviceProfile) -> DeviceProfile:
+    figs = saved_calibration(profile.runtime)
+    if not figs:
+        return profile
+    return replace(profile.with_figures(**figs), calibrated=True)

@@ -1,0 +1,235 @@
+"""The ``edgeprune`` command line. Bad input → one line on stderr, exit 2; unmeetable budget → exit 3.
+
+Commands: prune, eval, info, export, verify, finetune, profiles, plan, run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import EdgepruneError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message otherwise)
+        raise EdgepruneError(f"{self.prog}: {message} (see --help)")
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def _kv_options(items: list[str] | None) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise EdgepruneError(f"--opt {it!r} must look like key=value")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _write_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    from .paths import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_prune(a) -> int:
+    from .prune import PruneConfig, run_prune
+
+    cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
+                      calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
+                      skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt))
+    res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
+    print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
+          f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
+          f"total {res.params_before:,} -> {res.params_after:,}")
+    print(res.table())
+    print(f"saved to {res.out}  ({res.timings['total_s']} s, peak RSS {res.peak_rss_mb:.0f} MB)")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate
+    from .models import load, load_tokenizer
+
+    model, tok = load(a.model), load_tokenizer(a.model)
+    res = evaluate(model, tok, ppl=_csv(a.ppl), seq_len=a.seq_len, tasks=_csv(a.tasks), limit=a.limit,
+                   speed=a.speed, max_chunks=a.max_chunks, progress=not a.quiet)
+    res["model"] = str(Path(a.model).resolve())
+    for k, v in res.items():
+        if k.startswith(("ppl.", "zeroshot.", "speed.")):
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    _write_json(a.json, res)
+    return 0
+
+
+def model_info(model) -> dict:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    from .models import count_params, layer_shapes
+
+    total, nonemb = count_params(model)
+    q8 = GGML_QUANT_SIZES[Q.Q8_0]
+    q4 = GGML_QUANT_SIZES[Q.Q4_K]
+    layers = []
+    hd = model.model.layers[0].self_attn.head_dim
+    for i, (s, layer) in enumerate(zip(layer_shapes(model), model.model.layers)):
+        n = sum(p.numel() for p in layer.parameters())
+        layers.append({"layer": i, **s.to_dict(), "head_dim": hd, "params": n})
+    return {"architecture": model.config.architectures[0], "total_params": total, "non_embedding_params": nonemb,
+            "bytes": {"f16": total * 2, "q8_0": total * q8[1] // q8[0], "q4_k": total * q4[1] // q4[0]},
+            "layers": layers}
+
+
+def cmd_info(a) -> int:
+    from .models import load
+
+    info = model_info(load(a.model))
+    print(f"{info['architecture']}: {info['total_params']:,} parameters, {info['non_embedding_params']:,} non-embedding")
+    print("bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["bytes"].items()))
+    print("| layer | q heads | kv heads | mlp | params |\n|---|---|---|---|---|")
+    for r in info["layers"]:
+        print(f"| {r['layer']} | {r['num_attention_heads']} | {r['num_key_value_heads']} | {r['intermediate_size']} | "
+              f"{r['params']:,} |")
+    _write_json(a.json, info)
+    return 0
+
+
+def cmd_export(a) -> int:
+    import exporters
+
+    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype, overwrite=a.overwrite)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from exporters.verify import verify
+
+    res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads, json_out=a.json,
+                 ppl_chunks=a.ppl_chunks)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from .allocation import ALLOCATORS
+
+    p = _Parser(prog="edgeprune", description="Structured pruning of LLaMA-family models for edge devices")
+    p.add_argument("--version", action="version", version=__import__("edgeprune").__version__)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("prune", help="prune a model structurally")
+    s.add_argument("model")
+    s.add_argument("--method", required=True, help="magnitude, wanda-sp, llm-pruner, flap, saap, mini-llm, bip")
+    s.add_argument("--ratio", type=float, required=True, help="fraction of non-embedding parameters to remove")
+    s.add_argument("--allocation", choices=list(ALLOCATORS), default=None, help="default: the method's own")
+    s.add_argument("--calib", default="gutenberg", help="named set (gutenberg, wikitext2, ptb) or a .txt/.jsonl path")
+    s.add_argument("--calib-samples", type=int, default=128)
+    s.add_argument("--calib-len", type=int, default=128)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--skip-first", type=int, default=None, help="keep the first K layers dense")
+    s.add_argument("--skip-last", type=int, default=None, help="keep the last K layers dense")
+    s.add_argument("--round-mlp", type=int, default=1, help="round kept MLP width to a multiple (256 suits K-quants)")
+    s.add_argument("--min-kv", type=int, default=1, help="minimum KV groups kept per layer (0 allows attention-free)")
+    s.add_argument("--opt", action="append", help="method option key=value (repeatable)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed in PyTorch")
+    s.add_argument("model")
+    s.add_argument("--ppl", default="wikitext2", help="comma list of wikitext2, ptb, heldout ('' for none)")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--max-chunks", type=int, default=None, help="evaluate only the first N chunks")
+    s.add_argument("--tasks", default="", help="comma list of boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa")
+    s.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    s.add_argument("--speed", action="store_true", help="also measure PyTorch generation tokens/s")
+    s.add_argument("--json", default=None)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("info", help="per-layer shapes, parameters and bytes")
+    s.add_argument("model")
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("export", help="export to GGUF (llama.cpp) or ONNX (onnxruntime)")
+    s.add_argument("model")
+    s.add_argument("--format", choices=["gguf", "onnx"], required=True)
+    s.add_argument("--quant", default=None, help="gguf: f32,f16,q8_0,q4_k_m,q5_k_m,q6_k; onnx: int8")
+    s.add_argument("--dtype", default="fp32", help="onnx: fp32 or fp16")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("verify", help="check an exported artifact on its runtime against the PyTorch model")
+    s.add_argument("artifact")
+    s.add_argument("--reference", required=True, help="the PyTorch model directory it was exported from")
+    s.add_argument("--profile", default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--ppl-chunks", type=int, default=None, help="limit runtime perplexity to N chunks")
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_verify)
+
+    _add_optional(sub)
+    return p
+
+
+def _add_optional(sub) -> None:
+    """Commands whose modules register their own sub-parsers (finetune, profiles, plan, run)."""
+    import importlib
+
+    for mod in ("recovery.cli", "pipeline"):
+        try:
+            m = importlib.import_module(f"edgeprune.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("edgeprune"):
+                continue
+            raise
+        m.add_parsers(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.fn(args) or 0
+    except EdgepruneError as e:
+        print(f"edgeprune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgeprune: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("edgeprune: error: out of memory; use a smaller model, fewer --calib-samples, or --stream", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if os.environ.get("EDGEPRUNE_DEBUG"):
+            raise
+        print(f"edgeprune: error: {e.strerror or e} ({e.filename or ''}); check the path, permissions and free disk space",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("EDGEPRUNE_DEBUG"):
+            raise
+        print(f"edgeprune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Baseline importance methods (specs: shared docs methods.md §2): magnitude, Wanda-sp, FLAP, LLM-Pruner."""
+from __future__ import annotations
+
+import torch
+
+from .base import Context, Method, Scores, per_kv_group, register
+from .taylor import KINDS, backward_grads, group_taylor
+from ..models import decoder_layers
+
+
+@register("magnitude")
+class Magnitude(Method):
+    """Group norm: ``‖W_G‖_p`` over all weights of the group (q/k/v rows + o columns; gate/up rows + down column).
+    ``p`` (option ``norm``) is 1 or 2 (default 2). Needs no calibration data."""
+
+    default_allocation = "uniform"
+
+    def score(self, model, ctx: Context) -> Scores:
+        p = int(ctx.opt("norm", 2))
+        attn, mlp = [], []
+        for layer, lg in zip(decoder_layers(model), ctx.groups):
+            a, m = layer.self_attn, layer.mlp
+            f = (lambda w, d: w.double().abs().sum(d)) if p == 1 else (lambda w, d: (w.double() ** 2).sum(d))
+            att = (f(a.q_proj.weight, 1).reshape(lg.n_kv, -1).sum(1) + f(a.k_proj.weight, 1).reshape(lg.n_kv, -1).sum(1)
+                   + f(a.v_proj.weight, 1).reshape(lg.n_kv, -1).sum(1) + f(a.o_proj.weight, 0).reshape(lg.n_kv, -1).sum(1))
+            ch = f(m.gate_proj.weight, 1) + f(m.up_proj.weight, 1) + f(m.down_proj.weight, 0)
+            attn.append(att if p == 1 else att.sqrt())
+            mlp.append(ch if p == 1 else ch.sqrt())
+        return Scores(attn, mlp, info={"norm": p})
+
+
+@register("wanda-sp")
+class WandaSP(Method):
+    """Wanda-sp (FLAP repo): for o_proj / down_proj input channel j, ``S_j = mean_i |W_ij| · ‖X_j‖₂``;
+    a KV group sums its channels, an MLP channel is its own score. Uniform allocation."""
+
+    default_allocation = "uniform"
+
+    def score(self, model, ctx: Context) -> Scores:
+        attn, mlp = [], []
+        for layer, lg, st in zip(decoder_layers(model), ctx.groups, ctx.layer_stats):
+            so = layer.self_attn.o_proj.weight.double().abs().mean(0) * st.o_in.norm
+            sd = layer.mlp.down_proj.weight.double().abs().mean(0) * st.down_in.norm
+            attn.append(per_kv_group(so, lg))
+            mlp.append(sd)
+        return Scores(attn, mlp)
+
+
+@register("flap")
+class FLAP(Method):
+    """FLAP: WIFV fluctuation ``S_j = V_j · ‖W[:, j]‖₂²`` of o_proj / down_proj input channels (V_j: sample
+    variance over calibration tokens); attention channel scores are squared (as FLAP's code does), then every
+    layer-module is z-scored ``(S − mean)/std``; a KV group's score is the mean over its channels. Allocation
+    AL-AM: one global threshold over heads and channels weighted by parameter cost. Bias compensation:
+    ``b = W[:, removed] · x̄[removed]``. Option ``metric``: WIFV (default), IFV, WIFN."""
+
+    default_allocation = "global"
+
+    def score(self, model, ctx: Context) -> Scores:
+        metric = ctx.opt("metric", "WIFV")
+        attn, mlp, means = [], [], []
+        for layer, lg, st in zip(decoder_layers(model), ctx.groups, ctx.layer_stats):
+            wo, wd = layer.self_attn.o_proj.weight.double(), layer.mlp.down_proj.weight.double()
+            if metric == "WIFV":
+                so, sd = st.o_in.var * (wo ** 2).sum(0), st.down_in.var * (wd ** 2).sum(0)
+            elif metric == "IFV":
+                so, sd = st.o_in.var, st.down_in.var
+            elif metric == "WIFN":
+                so, sd = wo.abs().mean(0) * st.o_in.norm, wd.abs().mean(0) * st.down_in.norm
+            else:
+                raise ValueError(f"FLAP metric {metric} unknown; use WIFV, IFV or WIFN")
+            so = so ** 2
+            z = lambda s: (s - s.mean()) / (s.std() + 1e-12)
+            attn.append(per_kv_group(z(so), lg, reduce="mean"))
+            mlp.append(z(sd))
+            means.append({"o": st.o_in.mean.float(), "down": st.down_in.mean.float()})
+        return Scores(attn, mlp, standardized=True, bias_means=means if ctx.opt("bias_compensation", True) else None,
+                      info={"metric": metric})
+
+
+@register("llm-pruner")
+class LLMPruner(Method):
+    """LLM-Pruner: first-order / approximate second-order Taylor importance from one backward pass of the LM
+    loss on the calibration batch; option ``taylor`` in vectorize | param_first (default) | param_second |
+    param_mix; ``sum`` aggregation over group members. Default allocation: uniform with its skipped layers
+    (first 4 and last 2 of 32, scaled to the model's depth)."""
+
+    default_allocation = "uniform"
+    needs_gradients = True
+
+    def score(self, model, ctx: Context) -> Scores:
+        kind = ctx.opt("taylor", "param_first")
+        if kind not in KINDS:
+            raise ValueError(f"taylor kind {kind} unknown; use one of {KINDS}")
+        ids = ctx.calib_ids[: int(ctx.opt("grad_samples", 10)), : int(ctx.opt("grad_len", 64))]
+        grads, fisher = backward_grads(model, ids, batch_size=1, fisher=kind in ("param_second", "param_mix"))
+        attn, mlp = group_taylor(model, ctx.groups, lambda i, p: grads[(i, p)],
+                                 (lambda i, p: fisher[(i, p)]) if fisher else None, kind)
+        L = len(ctx.groups)
+        return Scores(attn, mlp, info={"taylor": kind, "grad_samples": int(ids.shape[0]), "grad_len": int(ids.shape[1]),
+                                       "skip_default": [round(4 * L / 32 + 0.49), round(2 * L / 32 + 0.49)]})

@@ -1,0 +1,154 @@
+"""``edgeprune prune``: load → calibrate → score → allocate → surgery → save (atomically)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .allocation import AllocOptions, allocate
+from .data import calibration_ids
+from .errors import EdgepruneError
+from .groups import model_groups
+from .importance import Context, get_method
+from .models import count_params, layer_shapes, load, load_tokenizer, save
+from .paths import check_output_dir
+from .surgery import apply_plan
+
+
+@dataclass
+class PruneConfig:
+    method: str
+    ratio: float
+    allocation: str | None = None        # None: the method's own default
+    calib: str = "gutenberg"
+    calib_samples: int = 128
+    calib_len: int = 128
+    seed: int = 0
+    skip_first: int | None = None        # None: the method's default
+    skip_last: int | None = None
+    multiple: int = 1
+    min_kv: int = 1
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not (0.0 < self.ratio < 1.0):
+            raise EdgepruneError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of non-embedding "
+                                 "parameters to remove, e.g. 0.2")
+        if self.multiple < 1:
+            raise EdgepruneError(f"--round-mlp {self.multiple} must be >= 1")
+        if self.min_kv < 0:
+            raise EdgepruneError(f"--min-kv {self.min_kv} must be >= 0")
+
+
+@dataclass
+class PruneResult:
+    out: str
+    method: str
+    allocation: str
+    target_ratio: float
+    achieved_ratio: float
+    params_before: int
+    params_after: int
+    nonemb_before: int
+    nonemb_after: int
+    per_layer: list[dict]
+    timings: dict
+    peak_rss_mb: float
+
+    def table(self) -> str:
+        rows = ["| layer | q heads | kv heads | mlp | removed |", "|---|---|---|---|---|"]
+        for r in self.per_layer:
+            rows.append(f"| {r['layer']} | {r['num_attention_heads']} | {r['num_key_value_heads']} | "
+                        f"{r['intermediate_size']} | {r['removed_frac']:.1%} |")
+        return "\n".join(rows)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
+    """Prune ``model`` in place; returns (plan, scores, info). No I/O besides reading calibration text."""
+    cfg.validate()
+    method = get_method(cfg.method)
+    alloc = cfg.allocation or method.default_allocation
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)
+    ctx = Context(model=model, calib_ids=ids, seed=cfg.seed, options=dict(cfg.options), progress=progress)
+    t1 = time.time()
+    with contextlib.nullcontext() if method.needs_gradients else torch.no_grad():
+        scores = method.score(model, ctx)
+    scores.attn = [s.detach().double() for s in scores.attn]
+    scores.mlp = [s.detach().double() for s in scores.mlp]
+    t2 = time.time()
+    groups = model_groups(model)
+    skip = scores.info.get("skip_default", [0, 0])
+    _, nonemb = count_params(model)
+    opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
+                        skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
+                        skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
+                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options))
+    plan = allocate(alloc, scores, groups, opts, ctx)
+    apply_plan(model, plan, scores.bias_means)
+    t3 = time.time()
+    info = {"allocation": alloc, "skip": [opts.skip_first, opts.skip_last], "scores_info": scores.info,
+            "timings": {"calib_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "allocate_apply_s": round(t3 - t2, 2)},
+            "plan_meta": {k: v for k, v in plan.meta.items()}}
+    return plan, scores, info
+
+
+def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
+              progress: bool = True) -> PruneResult:
+    cfg.validate()
+    get_method(cfg.method)  # fail fast on an unknown method, before loading anything
+    out = check_output_dir(out, overwrite, inputs=(model_path,))
+    t0 = time.time()
+    model = load(model_path)
+    tok = load_tokenizer(model_path)
+    before = layer_shapes(model)
+    dense_groups = model_groups(model)
+    total_b, nonemb_b = count_params(model)
+    plan, scores, info = prune_model(model, tok, cfg, progress)
+    total_a, nonemb_a = count_params(model)
+    after = layer_shapes(model)
+    per_layer = []
+    for i, (lg, kv, ch) in enumerate(zip(dense_groups, plan.keep_kv, plan.keep_mlp)):
+        p = lg.n_kv * lg.attn_group_params + lg.n_mlp * lg.mlp_group_params
+        kept = len(kv) * lg.attn_group_params + len(ch) * lg.mlp_group_params
+        per_layer.append({"layer": i, **{k: v for k, v in after[i].to_dict().items() if not k.endswith("_bias")},
+                          "kv_kept": len(kv) / lg.n_kv, "mlp_kept": len(ch) / lg.n_mlp, "removed_frac": 1 - kept / p})
+    provenance = {
+        "edgeprune_version": __version__, "source_model": str(Path(model_path).resolve()), "method": cfg.method,
+        "allocation": info["allocation"], "target_ratio": cfg.ratio,
+        "achieved_ratio": round(1 - nonemb_a / nonemb_b, 6),
+        "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
+        "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,
+        "scores_info": _jsonable(info["scores_info"]), "bias_compensation": scores.bias_means is not None,
+    }
+    res = PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
+                      achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,
+                      nonemb_before=nonemb_b, nonemb_after=nonemb_a, per_layer=per_layer,
+                      timings={**info["timings"], "total_s": round(time.time() - t0, 2)}, peak_rss_mb=peak_rss_mb())
+    report = json.dumps(_jsonable(asdict(res)), indent=2) + "\n"
+    save(model, out, tokenizer_src=model_path, provenance=provenance, overwrite=True,
+         extra_files={"prune_report.json": report})
+    return res
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float):
+        return round(x, 6)
+    return x
