@@ -41,9 +41,13 @@ embedding rows actually used are touched, so this over-counts by at most the emb
 
     bytes/token = weights - token_embd (+ one row) [+ token_embd when tied: it is the output matmul]
                   + kv_read(P) = 2 * sum_l(n_kv_l) * head_dim * P * kv_elem
-    flops/token = 2 * matmul_params + 4 * sum_l(n_q_l) * head_dim * P
     decode_ms   = per_token_overhead_ms + L * per_layer_overhead_ms
-                  + max(bytes / (peak_bw * effective_factor), flops / compute_gflops)     (roofline)
+                  + bytes / (peak_bw * effective_factor)
+                  + 4 * sum_l(n_q_l) * head_dim * P / compute_gflops        (attention compute term)
+
+The weight matmuls at batch 1 are memory-bound (their compute scales with the bytes and is absorbed by the
+effective factor when calibrated); the attention term grows with ``P`` and is what matters at long contexts on
+slow cores. ``bound`` says which of the bandwidth and attention terms is larger.
 
 **Prefill** of ``N`` tokens (default 512 or the context): ``time = overhead(N=1) + weights/bw + N * flops / compute``.
 
@@ -130,6 +134,7 @@ def shape_from_config(d: dict, name: str = "") -> ModelShape:
     except (KeyError, TypeError, ValueError) as e:
         raise EdgepruneError(f"config{(' of ' + name) if name else ''}: field {e} is missing or malformed; "
                              "pass a LLaMA-family config.json") from None
+    name = name or str(d.get("_name_or_path") or d.get("name_or_path") or "")
     return ModelShape(H, V, hd, bool(d.get("tie_word_embeddings", False)), layers,
                       qkv_bias=d.get("model_type") == "qwen2" or bool(d.get("attention_bias", False)),
                       mlp_bias=bool(d.get("mlp_bias", False)), name=name)
@@ -340,7 +345,7 @@ class Prediction:
     prefill_tps: float
     decode_ms: float
     bytes_per_token: int
-    bound: str                      # 'memory' or 'compute' (which roofline term dominated decode)
+    bound: str                      # 'memory' or 'compute' (bandwidth term vs attention compute term)
     params: int
     non_embedding_params: int
     profile: str = ""
@@ -391,11 +396,10 @@ def predict(shapes: Any, quant: str, profile, *, kv_tokens: int | None = None, n
     kv_read = 2 * sum(s.num_key_value_heads for s in ms.layers) * ms.head_dim * pos * kv_elem
     bpt = read + kv_read
     attn_flops = 4 * sum(s.num_attention_heads for s in ms.layers) * ms.head_dim
-    flops = 2 * matmul_params(ms) + attn_flops * pos
     bw = profile.peak_bandwidth_gbps * profile.effective_bandwidth_factor * 1e9
     fixed_s = (profile.per_token_overhead_ms + ms.n_layers * profile.per_layer_overhead_ms) / 1e3
-    t_mem, t_cmp = bpt / bw, flops / (profile.compute_gflops * 1e9)
-    dec_s = fixed_s + max(t_mem, t_cmp)
+    t_mem, t_cmp = bpt / bw, attn_flops * pos / (profile.compute_gflops * 1e9)
+    dec_s = fixed_s + t_mem + t_cmp
     pf_flops = n_prompt * 2 * matmul_params(ms) + attn_flops * n_prompt * n_prompt / 2
     pf_s = fixed_s + read / bw + pf_flops / (profile.compute_gflops * 1e9)
     meta = 4096 + ms.vocab * 24 + len(ts) * 96                 # GGUF header, vocab strings/scores/types, tensor infos
@@ -475,12 +479,12 @@ class PlanResult:
                 "table": [c.to_dict() for c in self.candidates]}
 
 
-def _check(pred: Prediction, profile) -> tuple[dict[str, bool], dict[str, float]]:
-    b = profile.budgets
-    short = {"max_memory_mb": pred.peak_rss_mb - b.max_memory_mb,
-             "max_decode_ms_per_token": pred.decode_ms - b.max_decode_ms_per_token}
+def _check(pred: Prediction, profile, margin: float = 0.0) -> tuple[dict[str, bool], dict[str, float]]:
+    b, k = profile.budgets, 1 - margin
+    short = {"max_memory_mb": pred.peak_rss_mb - b.max_memory_mb * k,
+             "max_decode_ms_per_token": pred.decode_ms - b.max_decode_ms_per_token * k}
     if b.min_prefill_tps is not None:
-        short["min_prefill_tps"] = b.min_prefill_tps - pred.prefill_tps
+        short["min_prefill_tps"] = b.min_prefill_tps / k - pred.prefill_tps
     return {k: v <= 0 for k, v in short.items()}, short
 
 
@@ -488,11 +492,12 @@ _UNITS = {"max_memory_mb": "MB", "max_decode_ms_per_token": "ms/token", "min_pre
 
 
 def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_multiple: int = 32,
-         strict: bool = True) -> PlanResult:
+         strict: bool = True, margin_pct: float = 0.0) -> PlanResult:
     """Predict every (allowed quant, ratio) and choose by the policy in the module doc.
 
     ``model``: a model directory, config dict, HF model or :class:`ModelShape` (dense shapes; if already pruned,
-    ratios are relative to it). Raises :class:`BudgetError` (exit 3) with a one-line reason when nothing fits and
+    ratios are relative to it). ``margin_pct`` demands that predictions beat each budget by that many percent.
+    Raises :class:`BudgetError` (exit 3) with a one-line reason when nothing fits and
     ``strict``; the full :class:`PlanResult` is attached as ``err.result``.
     """
     from device_profiles import DeviceProfile, load_profile
@@ -511,7 +516,7 @@ def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_mult
         for r in ratios:
             ps = shapes_at.setdefault(r, pruned_shape(ms, r, mlp_multiple))
             p = predict(ps, q, profile)
-            fits, short = _check(p, profile)
+            fits, short = _check(p, profile, margin_pct / 100)
             cands.append(Candidate(q, r, 1 - ps.non_embedding_params / dense_ne, p, fits, short))
     chosen = next((c for q in profile.quants_best_first() for c in cands if c.quant == q and c.feasible), None)
     b = profile.budgets
@@ -696,7 +701,9 @@ def calibrate_host(runs: HostRun | Sequence[HostRun], profile="host", *, save: b
         rows.append((r, ms, p))
     # decode: t_ms = a + b * MB, b = 1 / (GB/s) in ms/MB
     xs = [p.bytes_per_token / 1e6 for _, _, p in rows]
-    ys = [1000 / r.decode_tps for r, _, _ in rows]
+    # measured time minus the (small) attention compute term the prediction adds on top of the fit
+    ys = [1000 / r.decode_tps - (p.decode_ms - p.bytes_per_token / (profile.peak_bandwidth_gbps * 1e6))
+          for r, _, p in rows]
     L = rows[0][1].n_layers
     a_prof = profile.per_token_overhead_ms + L * profile.per_layer_overhead_ms
     if len(rows) >= 2 and max(xs) - min(xs) > 0.05 * max(xs):

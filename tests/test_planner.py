@@ -1,0 +1,210 @@
+"""Planner: GGUF byte accounting against real files, a plan or precise refusal per profile, calibration."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+
+import pytest
+
+from device_profiles import list_profiles, load_profile
+from edgeprune import planner as P
+from edgeprune.errors import BudgetError
+from edgeprune.testing import SHAPES
+
+REF = "/work/shared/models/ref-llama-8m"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path_factory.getbasetemp() / "ep-cache"))
+
+
+def llama_1b_config() -> dict:
+    from transformers import LlamaConfig
+
+    s = dict(SHAPES["llama-3.2-1b"])
+    cfg = LlamaConfig(**s, head_dim=64)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg.to_dict()
+
+
+def test_1b_shape_counts():
+    ms = P.model_shape(llama_1b_config())
+    assert ms.total_params == 1_235_814_400                     # Llama-3.2-1B
+    # feasibility.md Q5: dense f16 GGUF 2475.1 MB, Q8_0 1316.6 MB (file sizes incl. vocab metadata)
+    assert abs(P.weight_bytes(ms, "f16") / 1e6 - 2475.1) / 2475.1 < 0.01
+    assert abs(P.weight_bytes(ms, "q8_0") / 1e6 - 1316.6) / 1316.6 < 0.01
+    # KV: anchors.md §4.2: 32 KiB per token for Llama-3.2-1B
+    assert P.kv_bytes(ms, 1) == 32 * 1024
+
+
+@pytest.mark.parametrize("name", [n for n in list_profiles()])
+def test_plan_or_precise_refusal_1b(name):
+    prof = load_profile(name)
+    try:
+        r = P.plan(llama_1b_config(), prof)
+    except BudgetError as e:
+        msg = str(e)
+        assert "\n" not in msg and e.exit_code == 3 and "missed by" in msg or "together" in msg, msg
+        assert e.result.chosen is None and e.result.refusal == msg
+        assert "REFUSED" in P.format_table(e.result)
+        return
+    c = r.chosen
+    assert c.feasible and c.prediction.peak_rss_mb <= prof.budgets.max_memory_mb
+    assert c.prediction.decode_ms <= prof.budgets.max_decode_ms_per_token
+    # policy: no better-quality quant fits at any ratio, and no smaller ratio fits at the chosen quant
+    order = prof.quants_best_first()
+    assert not [x for x in r.feasible if order.index(x.quant) < order.index(c.quant)]
+    assert not [x for x in r.feasible if x.quant == c.quant and x.ratio < c.ratio]
+    assert "chosen:" in P.format_table(r) and r.to_dict()["chosen"]["quant"] == c.quant
+
+
+def test_refusal_names_budget_and_amount():
+    prof = load_profile("raspberry-pi-5-8gb")
+    tight = replace(prof, budgets=replace(prof.budgets, max_memory_mb=100))
+    with pytest.raises(BudgetError) as e:
+        P.plan(llama_1b_config(), tight)
+    assert "max_memory_mb 100 MB is missed by" in str(e.value) and "q4_k_m with 70% pruning" in str(e.value)
+
+
+def test_pruned_shape_ratio_and_rounding():
+    ms = P.model_shape(llama_1b_config())
+    for r in (0.1, 0.3, 0.5):
+        ps = P.pruned_shape(ms, r, 32)
+        achieved = 1 - ps.non_embedding_params / ms.non_embedding_params
+        assert abs(achieved - r) < 0.02
+        assert all(s.intermediate_size % 32 == 0 and s.num_attention_heads == 4 * s.num_key_value_heads
+                   for s in ps.layers)
+
+
+def test_quant_mix_and_fallback():
+    ms = P.model_shape(REF)
+    ts = {t.name: t.dtype for t in P.llama_cpp_tensors(ms, "q4_k_m")}
+    assert ts["output.weight"] == "Q6_K" and ts["token_embd.weight"] == "Q4_K"
+    assert ts["blk.0.ffn_down.weight"] == "Q6_K" and ts["blk.1.ffn_down.weight"] == "Q4_K"   # use_more_bits
+    odd = replace(ms, layers=tuple(replace(s, intermediate_size=400, num_attention_heads=6, num_key_value_heads=3)
+                                   for s in ms.layers))
+    ts = {t.name: t.dtype for t in P.llama_cpp_tensors(odd, "q4_k_m")}
+    assert ts["blk.1.attn_output.weight"] == "Q5_0"      # 192 % 256 -> Q4_K falls back to Q5_0
+    assert ts["blk.1.ffn_down.weight"] == "F16"           # 400 % 32 -> F16
+    ts = {t.name: t.dtype for t in P.llama_cpp_tensors(odd, "q8_0")}
+    assert ts["blk.1.ffn_down.weight"] == "F16" and ts["blk.1.attn_output.weight"] == "Q8_0"
+
+
+def _tensor_bytes(path) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
+HAVE_GGUF_EXPORT = importlib.util.find_spec("exporters.gguf") is not None
+HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.fixture(scope="module")
+def smol_f16(tmp_path_factory):
+    """SmolLM2-135M-shaped random model, 2 layers, vocab cut to the reference tokenizer's 4096 (hidden 576 is not a
+    multiple of 256, so every K-quant row falls back: a good test of the fallback rule), exported at f16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeprune.models import save
+    from exporters.gguf import export_gguf
+
+    s = dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=4096)
+    cfg = LlamaConfig(**s, head_dim=64, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("smol") / "m"
+    save(LlamaForCausalLM(cfg).eval(), d, tokenizer_src=REF)
+    return d, export_gguf(d, d.parent / "m-f16.gguf", "f16")
+
+
+@pytest.mark.skipif(not HAVE_GGUF_EXPORT, reason="exporters/gguf.py not present")
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m"])
+def test_weight_bytes_match_real_gguf(smol_f16, quant):
+    """Predicted weight bytes == tensor bytes of a GGUF actually written (within 2%; exact in practice)."""
+    d, f16 = smol_f16
+    path, file_mb = f16.path, f16.file_mb
+    if quant != "f16":
+        if not HAVE_LLAMA:
+            pytest.skip("llama_cpp not installed")
+        from pathlib import Path
+
+        from exporters.gguf import quantize
+
+        path = Path(f16.path).with_name(f"m-{quant}.gguf")
+        quantize(f16.path, path, quant)
+        file_mb = path.stat().st_size / 1e6
+    actual = _tensor_bytes(path)
+    pred = P.weight_bytes(P.model_shape(d), quant)
+    assert abs(pred - actual) / actual < 0.02, (pred, actual)
+    assert abs(P.predict(d, quant, "host").file_mb - file_mb) / file_mb < 0.02
+
+
+@pytest.mark.skipif(not HAVE_GGUF_EXPORT, reason="exporters/gguf.py not present")
+def test_weight_plus_kv_bytes_ref_f16(tmp_path):
+    from exporters.gguf import export_gguf
+
+    s = export_gguf(REF, tmp_path / "ref.gguf", "f16")
+    ms = P.model_shape(REF)
+    p = P.predict(ms, "f16", "host")
+    kv = P.kv_bytes(ms, 2048)
+    assert abs((p.weight_bytes + p.kv_bytes) - (_tensor_bytes(s.path) + kv)) / (_tensor_bytes(s.path) + kv) < 0.02
+
+
+def test_weight_bytes_from_gguf_tables_without_export():
+    """Independent of the exporter: per-tensor bytes recomputed from gguf's GGML_QUANT_SIZES."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    ms = P.model_shape(llama_1b_config())
+    for q in ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m"):
+        total = 0
+        for t in P.llama_cpp_tensors(ms, q):
+            blk, ts = GGML_QUANT_SIZES[GGMLQuantizationType[t.dtype]]
+            assert t.ne0 % blk == 0
+            total += t.ne1 * t.ne0 // blk * ts
+        assert total == P.weight_bytes(ms, q)
+    # bits per weight in the range llama.cpp's quantize README gives for Llama-3.1-8B (anchors.md §4)
+    bpw = {q: 8 * P.weight_bytes(ms, q) / ms.total_params for q in ("q4_k_m", "q5_k_m", "q6_k", "q8_0")}
+    assert 4.5 < bpw["q4_k_m"] < 5.6 and 5.5 < bpw["q5_k_m"] < 6.3 and 6.5 < bpw["q6_k"] < 6.7
+    assert abs(bpw["q8_0"] - 8.5) < 0.05
+
+
+def test_calibrate_host_recovers_figures():
+    """Synthetic runs generated from known figures are fitted back."""
+    prof = load_profile("host", calibration=False)
+    truth = replace(prof, effective_bandwidth_factor=0.8, runtime_overhead_mb=57.0, per_token_overhead_ms=0.2,
+                    per_layer_overhead_ms=0.025)
+    runs = []
+    for q in ("f16", "q8_0", "f32"):
+        p = P.predict(REF, q, truth, n_ctx=2048, kv_tokens=64, n_prompt=128)
+        runs.append(P.HostRun(REF, q, p.decode_tps, p.peak_rss_mb, p.file_mb, p.prefill_tps, 2048, 64, 128))
+    cal = P.calibrate_host(runs, prof)
+    assert abs(cal.effective_bandwidth_factor - 0.8) < 0.01
+    assert abs(cal.runtime_overhead_mb - 57.0) < 0.1
+    got = P.apply_calibration(prof, cal)
+    for r in runs:
+        p = P.predict(r.model, r.quant, got, n_ctx=2048, kv_tokens=64, n_prompt=128)
+        assert abs(p.decode_tps - r.decode_tps) / r.decode_tps < 0.01
+        assert abs(p.peak_rss_mb - r.peak_rss_mb) / r.peak_rss_mb < 0.01
+    assert P.compare(p, {"decode_tps": r.decode_tps, "peak_rss_mb": r.peak_rss_mb})["error_pct"]["decode_tps"] < 1
+
+
+def test_calibration_saved_and_used():
+    prof = load_profile("host", calibration=False)
+    run = P.HostRun(REF, "f16", 1000.0, 95.0, n_ctx=2048, kv_tokens=64)
+    P.calibrate_host(run, prof, save=True)
+    h = load_profile("host")
+    assert h.calibrated and h.sources["runtime_overhead_mb"].startswith("calibrated")
+    p = P.predict(REF, "f16", h, n_ctx=2048, kv_tokens=64)
+    assert abs(p.decode_tps - 1000) / 1000 < 0.01 and abs(p.peak_rss_mb - 95) < 0.5
+    assert load_profile("demo-tiny-budget").calibrated
+
+
+def test_demo_profile_forces_moderate_pruning():
+    """With the measured host calibration (dense f16: 1375 tok/s, 90.8 MB at n_ctx 2048), the demo plan prunes."""
+    prof = load_profile("host", calibration=False)
+    P.calibrate_host(P.HostRun(REF, "f16", 1375.2, 90.84, 16.89, 3394.9, 2048, 48, 128), prof, save=True)
+    r = P.plan(REF, load_profile("demo-tiny-budget"))
+    assert r.chosen.quant == "f16" and 0.2 <= r.chosen.ratio <= 0.4, P.format_table(r)
