@@ -15,7 +15,7 @@ from .base import AllocOptions, round_mlp, topk_sorted, zscore
 
 def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
     idx = opts.prunable(len(groups))
-    std = (lambda s: s.double()) if scores.standardized else zscore
+    std = (lambda s: s.detach().double()) if scores.standardized else (lambda s: zscore(s.detach()))
     units = []  # (score, kind, layer, index)
     for i in idx:
         units += [(float(v), 0, i, j) for j, v in enumerate(std(scores.attn[i]))]

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Quality benchmark: prune the reference model with every method × allocation at 20% and 50% and evaluate.
+
+Each configuration runs ``edgeprune prune`` and ``edgeprune eval`` as separate processes (peak RSS is the
+prune process's ``ru_maxrss``). Results are cached per configuration in the JSON, so an interrupted run resumes.
+Writes ``benchmarks/quality.json`` and ``benchmarks/quality.md``.
+
+    python scripts/bench_quality.py [--ratios 0.2,0.5] [--configs flap:global,...] [--zs-limit 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edgeprune.paths import reference_model_dir  # noqa: E402
+
+# (method, allocation or None for the method's own default)
+CONFIGS = [
+    ("magnitude", None), ("wanda-sp", None), ("flap", None), ("flap", "uniform"), ("llm-pruner", None),
+    ("llm-pruner", "global"),
+    ("saap", None), ("saap", "uniform"), ("mini-llm", None), ("mini-llm", "saap"), ("bip", None), ("bip", "uniform"),
+    ("wanda-sp", "self-pruner"),
+]
+PPL_SETS = ["wikitext2", "ptb", "heldout"]
+TASKS = "boolq,piqa,winogrande,arc_easy,arc_challenge,openbookqa"
+
+
+def run(cmd: list[str]) -> tuple[float, float, str]:
+    """Run a command; return (wall seconds, child peak RSS MB, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wall = time.time() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(rss, before) / 1024, p.stdout
+
+
+def evaluate(model_dir: str, zs_limit: int | None) -> dict:
+    with tempfile.TemporaryDirectory() as td:
+        js = f"{td}/r.json"
+        cmd = [sys.executable, "-m", "edgeprune.cli", "eval", model_dir, "--ppl", ",".join(PPL_SETS), "--json", js,
+               "--quiet"]
+        if zs_limit != 0:
+            cmd += ["--tasks", TASKS] + (["--limit", str(zs_limit)] if zs_limit else [])
+        wall, _, _ = run(cmd)
+        r = json.loads(Path(js).read_text())
+    r["eval_wall_s"] = round(wall, 1)
+    return r
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--configs", default="", help="comma list of method[:allocation]; default: all")
+    ap.add_argument("--zs-limit", type=int, default=200, help="examples per zero-shot task (0: skip zero-shot)")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality"))
+    ap.add_argument("--fresh", action="store_true", help="ignore cached results")
+    a = ap.parse_args()
+    ref = str(reference_model_dir())
+    ratios = [float(r) for r in a.ratios.split(",")]
+    configs = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in a.configs.split(",") if c] or CONFIGS
+    jpath = Path(a.out + ".json")
+    res = {} if a.fresh or not jpath.exists() else json.loads(jpath.read_text())
+    res.setdefault("rows", {})
+    res["machine"] = machine()
+    res["protocol"] = {"ppl": "LLM-Pruner protocol: texts joined by '\\n\\n', non-overlapping 128-token chunks; "
+                              "wikitext2 = WikiText-2 raw test, ptb = PTB test, heldout = the reference model's "
+                              "in-domain held-back text (README of ref-llama-8m)",
+                       "zeroshot": f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
+                                   "per-task metric (see edgeprune/zeroshot.py)",
+                       "calibration": f"gutenberg (held-back text excluded), {a.calib_samples} x 128 tokens, seed 0",
+                       "ratio": "fraction of non-embedding parameters removed"}
+    res["command"] = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+
+    def save():
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        jpath.write_text(json.dumps(res, indent=2) + "\n")
+        Path(a.out + ".md").write_text(render(res))
+
+    if "dense" not in res["rows"]:
+        print("evaluating dense", flush=True)
+        res["rows"]["dense"] = {"method": "dense", "allocation": "-", "ratio": 0.0, **evaluate(ref, a.zs_limit)}
+        save()
+    with tempfile.TemporaryDirectory() as td:
+        for ratio in ratios:
+            for method, alloc in configs:
+                key = f"{method}:{alloc or 'default'}@{ratio}"
+                if key in res["rows"]:
+                    continue
+                print(f"running {key}", flush=True)
+                out = f"{td}/{method}-{alloc}-{ratio}"
+                cmd = [sys.executable, "-m", "edgeprune.cli", "prune", ref, "--method", method, "--ratio", str(ratio),
+                       "--out", out, "--quiet", "--calib-samples", str(a.calib_samples)]
+                if alloc:
+                    cmd += ["--allocation", alloc]
+                try:
+                    wall, rss, _ = run(cmd)
+                except RuntimeError as e:
+                    print(f"  skipped: {e}", flush=True)
+                    continue
+                rep = json.loads(Path(out, "prune_report.json").read_text())
+                row = {"method": method, "allocation": rep["allocation"], "ratio": ratio,
+                       "achieved_ratio": rep["achieved_ratio"], "nonemb_after": rep["nonemb_after"],
+                       "params_after": rep["params_after"], "prune_wall_s": round(wall, 1),
+                       "score_s": rep["timings"].get("score_s"), "prune_peak_rss_mb": round(rss, 1),
+                       "kept_per_layer": [(r["num_key_value_heads"], r["intermediate_size"]) for r in rep["per_layer"]],
+                       **evaluate(out, a.zs_limit)}
+                res["rows"][key] = row
+                save()
+    save()
+    print(render(res))
+
+
+def render(res: dict) -> str:
+    rows = res["rows"]
+    dense = rows.get("dense", {})
+    d = {s: dense.get(f"ppl.{s}.seq128") for s in PPL_SETS}
+    zs_d = dense.get("zeroshot.average")
+    lines = ["# Quality benchmark: ref-llama-8m", "",
+             f"Command: `{res['command']}`  ", f"Machine: {res['machine']}  ",
+             *[f"Protocol ({k}): {v}  " for k, v in res["protocol"].items()], "",
+             "ppl columns give the value and, in parentheses, the ratio to the dense model (lower is better). "
+             "Zero-shot is the average accuracy over six tasks. Wall time and peak RSS are the prune process's.", "",
+             "| method | allocation | target | achieved | params | WikiText-2 | PTB | held-back (in-domain) | zero-shot avg "
+             "| prune wall s | scoring s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, s):
+        v = r.get(f"ppl.{s}.seq128")
+        return "–" if v is None else (f"{v:.1f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
+
+    order = sorted(rows.values(), key=lambda r: (r["ratio"], r["method"] != "dense", r["method"], r["allocation"]))
+    for r in order:
+        zs = r.get("zeroshot.average")
+        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.0%} | {r.get('achieved_ratio', 0):.1%} | "
+                     f"{r.get('params_after', dense.get('params', 0)) or '8,392,960'} | {cell(r, 'wikitext2')} | "
+                     f"{cell(r, 'ptb')} | {cell(r, 'heldout')} | "
+                     f"{'–' if zs is None else f'{zs:.3f}'}{'' if zs is None or zs_d is None or r is dense else f' ({zs - zs_d:+.3f})'} | "
+                     f"{r.get('prune_wall_s', '–')} | {r.get('score_s', '–')} | {r.get('prune_peak_rss_mb', '–')} |")
+    lines += ["", "Kept (KV groups, MLP channels) per layer:", ""]
+    for r in order:
+        if "kept_per_layer" in r:
+            lines.append(f"- {r['method']} / {r['allocation']} @ {r['ratio']:.0%}: "
+                         + " ".join(f"{k}/{m}" for k, m in r["kept_per_layer"]))
+    analysis = ROOT / "benchmarks" / "quality_analysis.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
