@@ -11,7 +11,8 @@ Facts this module relies on (llama.cpp ``src/llama-model.cpp``, ``src/models/{ll
 * deci: ``n_ff == 0`` skips the *whole* layer, attention output included (``continue`` before the residual), and
   ``n_head == 0`` means attention-free. A layer with zero MLP channels is therefore written with a **zero-weight
   FFN of 32 channels** (gate = up = down = 0 gives silu(0)·0 = 0, exact), and reported as padded. A layer with
-  zero attention heads is refused (the HF model cannot run it either; layer 0 would also break ``n_rot``).
+  zero attention heads is written attention-free, or with one zero head carrying the o_proj bias (see
+  :func:`plan_layers`).
 * llama.cpp applies RoPE to adjacent pairs (GGML "normal" mode) while HF rotates halves, so q/k rows (and the
   q/k biases) are permuted per head: ``w.reshape(n, 2, hd/2, ...).swapaxes(1, 2)``.
 * Quantization fallback (``tensor_type_fallback``): a tensor whose row length ``ne[0]`` (= the Linear's
@@ -79,6 +80,8 @@ class GGUFSummary:
     biases: list[str]
     padded_ffn_layers: list[int]
     notes: list[str]
+    attn_free_layers: list[int] = field(default_factory=list)
+    padded_attn_layers: list[int] = field(default_factory=list)
     quant_report: QuantReport | None = None
 
     def to_dict(self) -> dict:
@@ -103,22 +106,29 @@ def _np(t) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _layer_tensors(layer, hd: int, pad_ffn: bool) -> dict[str, np.ndarray]:
+def _layer_tensors(layer, hd: int, pad_ffn: bool, attn: str = "keep") -> dict[str, np.ndarray]:
+    """GGUF tensors of one layer; ``attn`` is "keep", "free" (no attention tensors) or "pad" (one zero head)."""
     a, m = layer.self_attn, layer.mlp
+    H = layer.input_layernorm.weight.shape[0]
     nq, nkv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
-    t = {"attn_norm.weight": _np(layer.input_layernorm.weight),
-         "ffn_norm.weight": _np(layer.post_attention_layernorm.weight),
-         "attn_q.weight": permute_qk(_np(a.q_proj.weight), nq),
-         "attn_k.weight": permute_qk(_np(a.k_proj.weight), nkv),
-         "attn_v.weight": _np(a.v_proj.weight),
-         "attn_output.weight": _np(a.o_proj.weight)}
-    if a.q_proj.bias is not None:
+    t = {"ffn_norm.weight": _np(layer.post_attention_layernorm.weight)}
+    if attn == "pad":
+        z = np.zeros((hd, H), np.float32)
+        t.update({"attn_norm.weight": _np(layer.input_layernorm.weight), "attn_q.weight": z, "attn_k.weight": z,
+                  "attn_v.weight": z, "attn_output.weight": np.zeros((H, hd), np.float32),
+                  "attn_output.bias": _np(a.o_proj.bias) if a.o_proj.bias is not None else np.zeros(H, np.float32)})
+    elif attn == "keep":
+        t.update({"attn_norm.weight": _np(layer.input_layernorm.weight),
+                  "attn_q.weight": permute_qk(_np(a.q_proj.weight), nq),
+                  "attn_k.weight": permute_qk(_np(a.k_proj.weight), nkv),
+                  "attn_v.weight": _np(a.v_proj.weight),
+                  "attn_output.weight": _np(a.o_proj.weight)})
+    if attn == "keep" and a.q_proj.bias is not None:
         t["attn_q.bias"] = permute_qk(_np(a.q_proj.bias), nq)
         t["attn_k.bias"] = permute_qk(_np(a.k_proj.bias), nkv)
         t["attn_v.bias"] = _np(a.v_proj.bias)
-    if a.o_proj.bias is not None:
+    if attn == "keep" and a.o_proj.bias is not None:
         t["attn_output.bias"] = _np(a.o_proj.bias)
-    H = layer.input_layernorm.weight.shape[0]
     if pad_ffn:
         t["ffn_gate.weight"] = np.zeros((ZERO_FFN_PAD, H), np.float32)
         t["ffn_up.weight"] = np.zeros((ZERO_FFN_PAD, H), np.float32)
@@ -243,10 +253,10 @@ def _split_regexes(node: dict | None) -> list[str]:
 def bpe_pre(tj: dict) -> str:
     """llama.cpp pre-tokenizer name for a byte-level BPE tokenizer.json, from its split regex:
     Llama-3 splits digits in runs of 1-3 (``\\p{N}{1,3}``) -> ``llama-bpe``; Qwen2 splits single digits
-    (``\\p{N}`` after the letter rules) -> ``qwen2``; plain ByteLevel regex -> ``gpt2``."""
+    (``\\p{N}`` after the letter rules) -> ``qwen2``; plain ByteLevel regex -> ``gpt-2``."""
     rx = " ".join(_split_regexes(tj.get("pre_tokenizer")))
     if not rx:
-        return "gpt2"
+        return "gpt-2"
     if "\\p{N}{1,3}" in rx:
         return "llama-bpe"
     if "\\p{L}+|\\p{N}|" in rx:
@@ -306,23 +316,43 @@ def write_vocab(w, src: Path, V: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- writer
-def _check_shapes(model) -> tuple[list[int], list[int], list[int], list[int]]:
+@dataclass
+class LayerPlan:
+    """What each GGUF layer holds, after the explicit handling of empty attention / MLP."""
+
+    heads: list[int]
+    kv: list[int]
+    ffn: list[int]
+    pad_ffn: list[int]          # zero MLP channels -> 32-channel zero FFN
+    attn_free: list[int]        # zero heads -> deci attention-free layer (n_head = 0)
+    pad_attn: list[int]         # zero heads but o_proj bias (or layer 0) -> one zero head carrying the bias
+
+
+def plan_layers(model) -> LayerPlan:
+    """A layer with no heads becomes deci's attention-free layer (exact: HF adds nothing but the residual),
+    except layer 0 (llama.cpp derives head_dim/n_rot from layer 0) and layers whose o_proj has a bias (deci's
+    attention-free path would drop it): those get one all-zero head whose output is exactly the bias."""
     from edgeprune.models import head_dim, layer_shapes
 
     hd = head_dim(model)
-    heads, kv, ffn, padded = [], [], [], []
-    for i, s in enumerate(layer_shapes(model)):
-        if s.num_attention_heads == 0 or s.num_key_value_heads == 0:
-            raise EdgepruneError(f"layer {i} has no attention heads left; llama.cpp (and HF) cannot run an "
-                                 "attention-free LLaMA layer of this kind; keep at least one KV group per layer")
-        heads.append(s.num_attention_heads)
-        kv.append(s.num_key_value_heads)
-        if s.intermediate_size == 0:
-            padded.append(i)
-        ffn.append(s.intermediate_size or ZERO_FFN_PAD)
     if hd % 2:
         raise EdgepruneError(f"head_dim {hd} is odd; RoPE needs an even head_dim")
-    return heads, kv, ffn, padded
+    lp = LayerPlan([], [], [], [], [], [])
+    for i, (s, layer) in enumerate(zip(layer_shapes(model), model.model.layers)):
+        nq, nkv = s.num_attention_heads, s.num_key_value_heads
+        if nq == 0 or nkv == 0:
+            if i == 0 or layer.self_attn.o_proj.bias is not None:
+                lp.pad_attn.append(i)
+                nq = nkv = 1
+            else:
+                lp.attn_free.append(i)
+                nq = nkv = 0
+        lp.heads.append(nq)
+        lp.kv.append(nkv)
+        if s.intermediate_size == 0:
+            lp.pad_ffn.append(i)
+        lp.ffn.append(s.intermediate_size or ZERO_FFN_PAD)
+    return lp
 
 
 def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "f32") -> GGUFSummary:
@@ -339,7 +369,8 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
         raise EdgepruneError(f"GGUF float type '{dtype}' unknown; use f32 or f16 (or a --quant type)")
     cfg = model.config
     hd = head_dim(model)
-    heads, kv, ffn, padded = _check_shapes(model)
+    lp = plan_layers(model)
+    heads, kv, ffn, padded = lp.heads, lp.kv, lp.ffn, lp.pad_ffn
     uniform = len(set(zip(heads, kv, ffn))) == 1
     arch = "llama" if uniform else "deci"
     notes = []
@@ -382,7 +413,8 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
         if rope_freqs is not None:
             add("rope_freqs.weight", rope_freqs)
         for i, layer in enumerate(model.model.layers):
-            for name, arr in _layer_tensors(layer, hd, i in padded).items():
+            mode = "pad" if i in lp.pad_attn else "free" if i in lp.attn_free else "keep"
+            for name, arr in _layer_tensors(layer, hd, i in padded, mode).items():
                 if name.endswith(".bias"):
                     biases.add(name.split(".")[0])
                 add(f"blk.{i}.{name}", arr)
@@ -393,11 +425,16 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    if lp.attn_free:
+        notes.append(f"layers {lp.attn_free} have no attention heads; written as deci attention-free layers (exact)")
+    if lp.pad_attn:
+        notes.append(f"layers {lp.pad_attn} have no attention heads but need an attention block (layer 0 or an "
+                     "o_proj bias); written with one zero head that outputs exactly the bias")
     if padded:
         notes.append(f"layers {padded} have no MLP channels; written with a {ZERO_FFN_PAD}-channel zero FFN "
                      "(deci would otherwise skip the whole layer); output is identical")
     return GGUFSummary(str(out), arch, dtype, out.stat().st_size / 1e6, L, heads, kv, ffn, kind, sorted(biases),
-                       padded, notes)
+                       padded, notes, attn_free_layers=lp.attn_free, padded_attn_layers=lp.pad_attn)
 
 
 # ----------------------------------------------------------------------------------------------- quantize

@@ -65,9 +65,28 @@ class KVWrapper(nn.Module):
         pkv = out.past_key_values
         pres = []
         for i in range(self.L):
+            if isinstance(self.m.model.layers[i].self_attn, NoAttention):
+                pres += [past[2 * i], past[2 * i + 1]]
+                continue
             layer = pkv.layers[i]
             pres += [layer.keys, layer.values]
         return (out.logits, *pres)
+
+
+class NoAttention(nn.Module):
+    """Stand-in for a layer whose attention heads were all pruned: HF's o_proj of width 0 outputs just its bias
+    (or zero). Exporting the real module would emit Reshape(-1) on an empty tensor, which ORT rejects. The layer's
+    (empty, [B, 0, P, hd]) past is passed through unchanged."""
+
+    def __init__(self, attn: nn.Module, hidden: int):
+        super().__init__()
+        self.inner = attn
+        self.bias = attn.o_proj.bias
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states * 0
+        return (out + self.bias if self.bias is not None else out), None
 
 
 def io_names(L: int) -> tuple[list[str], list[str]]:
@@ -112,8 +131,11 @@ def export_decoder(model, out_file: Path, external: bool | None = None) -> bool:
     if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
         model.config._attn_implementation = "sdpa"
     L = len(model.model.layers)
-    w = KVWrapper(model).eval()
     ids, mask, pos, past = _example(model)
+    empty = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.q_proj.out_features == 0]
+    for i in empty:
+        model.model.layers[i].self_attn = NoAttention(model.model.layers[i].self_attn, model.config.hidden_size)
+    w = KVWrapper(model).eval()
     b, s, p = Dim("batch"), Dim("seq"), Dim("past")
     dyn = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: Dim.AUTO}, "position_ids": {0: b, 1: s},
            "past": [{0: b, 2: p} for _ in range(2 * L)]}
@@ -127,6 +149,8 @@ def export_decoder(model, out_file: Path, external: bool | None = None) -> bool:
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(w, (ids, mask, pos, past), dynamo=True, dynamic_shapes=dyn, opset_version=OPSET,
                                  input_names=ins, output_names=outs, verbose=False, optimize=True)
+    for i in empty:
+        model.model.layers[i].self_attn = model.model.layers[i].self_attn.inner
     prog.save(str(out_file), external_data=external)
     if external:   # the dynamo exporter names the data file <model>.onnx.data; optimum expects model.onnx_data
         data = out_file.with_name(out_file.name + ".data")
@@ -186,8 +210,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
         raise EdgepruneError(f"--out {out} is a file; ONNX exports are directories")
     model = load(model_dir, dtype=torch.float32)
     shapes = layer_shapes(model)
-    if any(s.num_key_value_heads == 0 for s in shapes):
-        raise EdgepruneError("a layer has no attention heads left; keep at least one KV group per layer")
     t0 = time.time()
     notes = []
     with atomic_dir(out, overwrite=True) as tmp:
@@ -212,3 +234,29 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
     size = sum(f.stat().st_size for f in out.iterdir() if "onnx" in f.name and f.name != "edgeprune_onnx.json")
     return OnnxSummary(str(out), dtype, quant, size / 1e6, len(shapes), [s.num_key_value_heads for s in shapes], ext,
                        OPSET, round(time.time() - t0, 2), notes)
+
+
+def derive_onnx(src: str | Path, out: str | Path, dtype: str = "fp32", quant: str | None = None) -> OnnxSummary:
+    """fp16 or int8 variant of an existing fp32 export directory (no re-export from PyTorch)."""
+    import shutil
+
+    from edgeprune.paths import atomic_dir
+
+    src, out = Path(src), Path(out)
+    meta = json.loads((src / "edgeprune_onnx.json").read_text())
+    if meta["dtype"] != "fp32" or meta["quant"]:
+        raise EdgepruneError(f"{src} is not an fp32 export; derive fp16/int8 variants from the fp32 one")
+    if not ((dtype == "fp16") ^ (quant == "int8")):
+        raise EdgepruneError("derive either dtype=fp16 or quant=int8")
+    t0 = time.time()
+    ext = bool(meta["external_data"])
+    with atomic_dir(out, overwrite=True) as tmp:
+        (to_fp16 if dtype == "fp16" else to_int8)(src / "model.onnx", tmp / "model.onnx", ext)
+        for f in src.iterdir():
+            if "onnx" not in f.name:
+                shutil.copy2(f, tmp / f.name)
+        meta.update(dtype=dtype, quant=quant)
+        (tmp / "edgeprune_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir() if "onnx" in f.name and f.name != "edgeprune_onnx.json")
+    return OnnxSummary(str(out), dtype, quant, size / 1e6, len(meta["kv_heads"]), meta["kv_heads"], ext, OPSET,
+                       round(time.time() - t0, 2))
