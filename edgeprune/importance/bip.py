@@ -1,0 +1,152 @@
+"""LLM-BIP importance (arXiv 2412.06419; spec: shared docs methods.md §5): a unit's effect on its own block's
+output, from one forward pass, with no backward pass and no gradients.
+
+Verified (abstract): FFN channels and attention heads are scored by their influence on the output of their own
+transformer block, approximated in a single forward pass through an upper bound derived from Lipschitz
+continuity. Everything below is ours [R], derived from the LLaMA block
+``h = x + Attn(N₁(x))``, ``y = h + FFN(N₂(h))``, ``FFN(u) = Σ_j W_down[:, j]·a_j(u)``:
+
+* **MLP channel j** — deleting it changes the block output by exactly ``Δy_t = −W_down[:, j]·a_{t,j}``, so
+  ``‖Δy_t‖ = ‖W_down[:, j]‖₂·|a_{t,j}|`` and the score is
+  ``I_j = ‖W_down[:, j]‖₂ · sqrt(E_t[a_j²])`` (option ``mlp_agg=rms``, default) or ``‖W_down[:, j]‖₂·E_t|a_j|``
+  (``mlp_agg=abs``). Exact; no Lipschitz argument.
+* **Attention (KV) group g** — deleting it changes the attention branch by ``Δh_t = −W_o[:, S_g]·o_{t,S_g}``
+  (S_g: the o_proj input columns of the group's query heads; the other heads are unaffected). That change passes
+  through ``F(h) = h + FFN(N₂(h))``, so ``‖Δy_t‖ ≤ K_ℓ·‖Δh_t‖`` and the score is
+  ``I_g = K_ℓ · E_t ‖W_o[:, S_g] o_{t,S_g}‖₂`` (per token, not the looser ‖W_o[:, S_g]‖·‖o‖).
+* **K_ℓ** (option ``lipschitz``): ``one_plus`` (default) ``1 + max_t σ_max(J_t)``, with J_t the Jacobian of
+  FFN∘RMSNorm at token t, by power iteration (``lip_iters``, 30) on ``lip_tokens`` (256) calibration tokens of
+  the post-attention residual stream; ``residual``: ``max_t σ_max(I + J_t)`` (tighter); ``none``: K = 1.
+  J is applied analytically (SiLU-gated FFN, RMSNorm) — plain matmuls, no autograd. It is a local estimate:
+  the mean-value bound holds to first order in Δh, which is why the tests check it rather than assume it.
+* K only matters when heads are compared across blocks or with channels. Default allocation **uniform** (a
+  per-block ratio, as LLM-Pruner and MINI-LLM); ``--allocation global`` z-scores per layer-module (FLAP-style
+  per-block normalisation) then ranks globally.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Context, Method, Scores, register
+from ..calibrate import collect
+from ..groups import LayerGroups
+from ..models import decoder_layers
+
+
+def mlp_channel_change(w_down: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per-token block-output change of deleting each MLP channel: ``‖W_down[:, j]‖₂·|a_{t,j}|`` → [T, n_ff]."""
+    return a.reshape(-1, a.shape[-1]).double().abs() * w_down.double().norm(dim=0)[None, :]
+
+
+def attn_group_change(w_o: torch.Tensor, o: torch.Tensor, lg: LayerGroups) -> torch.Tensor:
+    """Per-token attention-branch change of deleting each KV group: ``‖W_o[:, S_g] o_{t,S_g}‖₂`` → [T, n_kv]."""
+    o = o.reshape(-1, o.shape[-1])
+    span = lg.n_rep * lg.head_dim
+    out = torch.empty(o.shape[0], lg.n_kv, dtype=torch.float64)
+    for g in range(lg.n_kv):
+        sl = slice(g * span, (g + 1) * span)
+        out[:, g] = (o[:, sl] @ w_o[:, sl].T).double().norm(dim=1)
+    return out
+
+
+def ffn_jacobian_ops(layer, h: torch.Tensor):
+    """(J·v, Jᵀ·w) of ``FFN(RMSNorm(h))`` at the rows of h [T, d], analytic (SiLU-gated MLP, RMSNorm)."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    if "silu" not in type(mlp.act_fn).__name__.lower() and getattr(mlp.act_fn, "__name__", "") != "silu":
+        raise ValueError("bip's Lipschitz estimate supports SiLU-gated MLPs only; use --opt lipschitz=none")
+    h = h.double()
+    gam = norm.weight.double()
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    d = h.shape[-1]
+    r = (h.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    u = gam * h * r
+    wg, wu, wd = mlp.gate_proj.weight.double(), mlp.up_proj.weight.double(), mlp.down_proj.weight.double()
+    gp, up = u @ wg.T, u @ wu.T
+    sig = torch.sigmoid(gp)
+    silu, dsilu = gp * sig, sig * (1 + gp * (1 - sig))
+
+    def jv(v):
+        nv = gam * (r * v - r ** 3 * (h * v).sum(-1, keepdim=True) / d * h)
+        return (dsilu * up * (nv @ wg.T) + silu * (nv @ wu.T)) @ wd.T
+
+    def jtw(w):
+        b = w @ wd
+        t = (dsilu * up * b) @ wg + (silu * b) @ wu
+        gt = gam * t
+        return r * gt - r ** 3 / d * h * (h * gt).sum(-1, keepdim=True)
+
+    return jv, jtw
+
+
+def token_lipschitz(layer, h: torch.Tensor, iters: int = 30, residual: bool = False, seed: int = 0) -> torch.Tensor:
+    """σ_max of J_t (or of I + J_t) for every token row of h, by batched power iteration → [T]."""
+    jv, jtw = ffn_jacobian_ops(layer, h)
+    if residual:
+        a, at = (lambda v: v + jv(v)), (lambda w: w + jtw(w))
+    else:
+        a, at = jv, jtw
+    v = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    v = v / v.norm(dim=-1, keepdim=True)
+    for _ in range(iters):
+        v = at(a(v))
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return a(v).norm(dim=-1)
+
+
+@register("bip")
+class BIP(Method):
+    """LLM-BIP: block-output effect of each unit from one forward pass; see the module docstring."""
+
+    default_allocation = "uniform"
+
+    @torch.no_grad()
+    def score(self, model, ctx: Context) -> Scores:
+        lip, mlp_agg = ctx.opt("lipschitz", "one_plus"), ctx.opt("mlp_agg", "rms")
+        n_tok, iters = int(ctx.opt("lip_tokens", 256)), int(ctx.opt("lip_iters", 30))
+        if lip not in ("one_plus", "residual", "none") or mlp_agg not in ("rms", "abs"):
+            raise ValueError("bip options: lipschitz one_plus|residual|none, mlp_agg rms|abs")
+        groups = ctx.groups
+        acc: dict = {}
+        gen = torch.Generator().manual_seed(ctx.seed)
+
+        def extra(i, layer):
+            lg = groups[i]
+            acc[i] = {"attn": torch.zeros(lg.n_kv, dtype=torch.float64), "abs": torch.zeros(lg.n_mlp, dtype=torch.float64),
+                      "n": 0, "h": []}
+            st = acc[i]
+
+            def o_hook(mod, args):
+                st["attn"] += attn_group_change(mod.weight, args[0], lg).sum(0)
+                st["n"] += args[0].shape[0] * args[0].shape[1]
+
+            def d_hook(mod, args):
+                st["abs"] += args[0].reshape(-1, args[0].shape[-1]).double().abs().sum(0)
+
+            def h_hook(mod, args):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                k = min(x.shape[0], max(n_tok // 4, 1))
+                st["h"].append(x[torch.randperm(x.shape[0], generator=gen)[:k]].clone())
+
+            hs = [layer.self_attn.o_proj.register_forward_pre_hook(o_hook),
+                  layer.mlp.down_proj.register_forward_pre_hook(d_hook)]
+            if lip != "none":
+                hs.append(layer.post_attention_layernorm.register_forward_pre_hook(h_hook))
+            return hs
+
+        stats = collect(model, ctx.calib_ids, ctx.batch_size, extra=extra, progress=ctx.progress)
+        attn, mlp, ks = [], [], []
+        for i, (layer, lg, st) in enumerate(zip(decoder_layers(model), groups, stats)):
+            a = acc[i]
+            if lip == "none":
+                k = 1.0
+            else:
+                h = torch.cat(a["h"])[:n_tok]
+                sig = token_lipschitz(layer, h, iters, residual=lip == "residual", seed=ctx.seed + i)
+                k = float(sig.max()) + (1.0 if lip == "one_plus" else 0.0)
+            wn = layer.mlp.down_proj.weight.double().norm(dim=0)
+            act = (st.down_in.sq / st.down_in.n).sqrt() if mlp_agg == "rms" else a["abs"] / st.down_in.n
+            mlp.append(wn * act)
+            attn.append(k * a["attn"] / max(a["n"], 1))
+            ks.append(k)
+        return Scores(attn, mlp, info={"lipschitz": lip, "K": ks, "mlp_agg": mlp_agg, "lip_tokens": n_tok,
+                                       "forward_passes": 1})
