@@ -110,7 +110,14 @@ def cmd_info(a) -> int:
 def cmd_export(a) -> int:
     import exporters
 
-    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype, overwrite=a.overwrite)
+    from .paths import check_output_dir
+
+    out = Path(a.out)
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        if not a.overwrite:
+            raise EdgepruneError(f"--out {out} exists; pass --overwrite or choose another path")
+    check_output_dir(out if out.suffix != ".gguf" else out.parent / ".probe", True, inputs=(a.model,))
+    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -118,8 +125,8 @@ def cmd_export(a) -> int:
 def cmd_verify(a) -> int:
     from exporters.verify import verify
 
-    res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads, json_out=a.json,
-                 ppl_chunks=a.ppl_chunks)
+    res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads or 2, json_out=a.json,
+                 max_chunks=a.ppl_chunks)
     print(json.dumps(res, indent=2, default=str))
     return 0
 

@@ -37,6 +37,8 @@ class Speed:
     gen: int
     repeats: int
     runtime: str
+    n_ctx: int = 0
+    kv_tokens: int = 0      # mean KV position during the timed decode steps
 
 
 def _rss_mb() -> float:
@@ -51,7 +53,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3) -> Speed:
+def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
+            n_ctx: int | None = None) -> Speed:
     import numpy as np
 
     from exporters.runtimes import LlamaCppRuntime, OrtRuntime, artifact_bytes
@@ -60,7 +63,8 @@ def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, r
     t = time.perf_counter()
     p = Path(artifact)
     if p.suffix == ".gguf":
-        rt = LlamaCppRuntime(p, n_ctx=prompt + gen + 8, threads=threads, logits_all=False)
+        n_ctx = max(n_ctx or 0, prompt + gen + 8)
+        rt = LlamaCppRuntime(p, n_ctx=n_ctx, threads=threads, logits_all=False)
     else:
         rt = OrtRuntime(p, threads=threads)
     load_s = time.perf_counter() - t
@@ -81,17 +85,18 @@ def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, r
         dec.append(time.perf_counter() - t)
     tp, td = statistics.median(pre), statistics.median(dec)
     return Speed(round(load_s, 4), round(prompt / tp, 2), round(gen / td, 2), round(1000 * tp, 2), round(_rss_mb(), 1),
-                 round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen, repeats, rt.kind)
+                 round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen, repeats, rt.kind,
+                 n_ctx=n_ctx or 0, kv_tokens=prompt + gen // 2)
 
 
 def measure_subprocess(artifact: str | Path, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
-                       timeout: float = 1800) -> dict:
+                       timeout: float = 1800, n_ctx: int | None = None) -> dict:
     """Run :func:`measure` in a child process and return its dict (raises RuntimeError with the child's stderr)."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "exporters.speed", str(artifact), "--threads", str(threads), "--prompt", str(prompt),
-           "--gen", str(gen), "--repeats", str(repeats)]
+           "--gen", str(gen), "--repeats", str(repeats)] + (["--n-ctx", str(n_ctx)] if n_ctx else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
@@ -108,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-ctx", type=int, default=None)
     a = ap.parse_args(argv)
-    s = measure(a.artifact, a.threads, a.prompt, a.gen, a.repeats)
+    s = measure(a.artifact, a.threads, a.prompt, a.gen, a.repeats, n_ctx=a.n_ctx)
     print(json.dumps(asdict(s)), flush=True)
     os._exit(0)   # skip llama-cpp-python's noisy __del__ at interpreter shutdown
 

@@ -9,6 +9,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# keep host probes / calibrations made by tests out of the user's cache
+os.environ.setdefault("EDGEPRUNE_CACHE", __import__("tempfile").mkdtemp(prefix="edgeprune-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

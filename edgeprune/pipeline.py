@@ -1,0 +1,320 @@
+"""``edgeprune run``: calibrate host → plan → prune → recover → export → verify → report, with resume.
+
+Every stage writes its output atomically under ``DIR/`` and records itself in ``DIR/state.json`` only when
+complete; a re-run skips finished stages (so interrupting after ``prune`` and re-running does not prune again).
+``DIR/.lock`` holds the running process's pid; a second run on the same DIR refuses.
+
+Also registers ``edgeprune profiles`` and ``edgeprune plan``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BudgetError, EdgepruneError
+from .paths import atomic_dir, atomic_file
+
+STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    profile: str
+    out: str
+    method: str = "flap"
+    allocation: str | None = None
+    finetune: str = "none"            # none | groupwise | lora
+    finetune_minutes: float = 2.0
+    format: str | None = None         # default: the profile's runtime
+    calib_samples: int = 64
+    seed: int = 0
+    mlp_multiple: int = 32
+    ppl_chunks: int | None = 200
+    threads: int = 1
+    margin_pct: float = 2.0
+    calibrate_host: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class RunState:
+    def __init__(self, out: Path):
+        self.path = out / "state.json"
+        self.d = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> dict | None:
+        return self.d["stages"].get(stage)
+
+    def mark(self, stage: str, info: dict) -> None:
+        self.d["stages"][stage] = info
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.d, indent=2, default=str) + "\n")
+
+
+class Lock:
+    """``DIR/.lock`` with the holder's pid; a stale lock (dead pid) is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        if self.path.exists():
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+            except ValueError:
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise EdgepruneError(f"{self.path.parent} is in use by another edgeprune run (pid {pid}); wait for it "
+                                     "or choose another --out")
+        self.path.write_text(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _log(msg: str) -> None:
+    print(f"[edgeprune run] {msg}", flush=True)
+
+
+def _fmt_for(profile) -> str:
+    return "gguf" if profile.runtime == "llama.cpp" else "onnx"
+
+
+def _artifact_name(fmt: str, quant: str) -> str:
+    return f"model-{quant}.gguf" if fmt == "gguf" else f"onnx-{quant}"
+
+
+def _export_kwargs(fmt: str, quant: str) -> dict:
+    if fmt == "gguf":
+        return {"quant": quant}
+    return {"dtype": "fp16" if quant == "fp16" else "fp32", "quant": "int8" if quant == "int8" else None}
+
+
+def run(cfg: RunConfig) -> dict:
+    from device_profiles import load_profile
+
+    from . import planner
+    from .models import load_tokenizer  # noqa: F401  (validates early below)
+    from .models import _read_config, _resolve
+
+    src = _resolve(cfg.model)
+    _read_config(src)
+    profile = load_profile(cfg.profile)
+    fmt = cfg.format or _fmt_for(profile)
+    if fmt != _fmt_for(profile):
+        raise EdgepruneError(f"--format {fmt} does not match profile {profile.name}'s runtime {profile.runtime}; "
+                             "drop --format or pick a profile for that runtime")
+    if cfg.finetune not in ("none", "groupwise", "lora"):
+        raise EdgepruneError(f"--finetune {cfg.finetune} unknown; use none, groupwise or lora")
+    out = Path(cfg.out).resolve()
+    if out == src.resolve() or src.resolve() in out.parents:
+        raise EdgepruneError(f"--out {out} is inside the input model {src}; choose an output path outside it")
+    out.mkdir(parents=True, exist_ok=True)
+    with Lock(out):
+        st = RunState(out)
+        t_all = time.time()
+
+        # 1. calibrate: measure the dense model on this host's runtime; fit bandwidth factor and overheads
+        if cfg.calibrate_host and not st.done("calibrate"):
+            _log("stage calibrate: measuring the dense model on the host runtime")
+            st.mark("calibrate", _stage_calibrate(src, out, profile, fmt, cfg))
+        cal = st.done("calibrate") or {}
+        if cal.get("calibration"):
+            from .planner import HostCalibration
+
+            profile = planner.apply_calibration(profile, HostCalibration(**cal["calibration"]))
+
+        # 2. plan
+        if not st.done("plan"):
+            _log(f"stage plan: fitting {src.name} to {profile.name}")
+            try:
+                res = planner.plan(str(src), profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct)
+            except BudgetError as e:
+                r = getattr(e, "result", None)
+                if r is not None:
+                    with atomic_file(out / "plan.json") as tmp:
+                        tmp.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+                raise
+            with atomic_file(out / "plan.json") as tmp:
+                tmp.write_text(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+            print(planner.format_table(res))
+            _log(res.explanation)
+            st.mark("plan", {"quant": res.chosen.quant, "ratio": res.chosen.ratio, "explanation": res.explanation})
+        plan = st.done("plan")
+
+        # 3. prune
+        model_dir = src
+        if plan["ratio"] > 0:
+            if not st.done("prune"):
+                _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
+                from .prune import PruneConfig, run_prune
+
+                pc = PruneConfig(method=cfg.method, ratio=plan["ratio"], allocation=cfg.allocation,
+                                 calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple)
+                r = run_prune(src, out / "pruned", pc, overwrite=True)
+                st.mark("prune", {"dir": "pruned", "achieved_ratio": r.achieved_ratio, "params_after": r.params_after,
+                                  "wall_s": r.timings["total_s"]})
+            model_dir = out / "pruned"
+
+        # 4. recover
+        if cfg.finetune != "none" and plan["ratio"] > 0:
+            if not st.done("finetune"):
+                _log(f"stage finetune: {cfg.finetune} for {cfg.finetune_minutes} min")
+                from .recovery import finetune
+
+                finetune(str(model_dir), "gutenberg", str(out / "finetuned"), strategy=cfg.finetune,
+                         minutes=cfg.finetune_minutes, seed=cfg.seed, overwrite=True)
+                st.mark("finetune", {"dir": "finetuned", "strategy": cfg.finetune})
+            model_dir = out / "finetuned"
+
+        # 5. export
+        art = out / _artifact_name(fmt, plan["quant"])
+        if not st.done("export"):
+            _log(f"stage export: {fmt} {plan['quant']}")
+            import exporters
+
+            if art.exists():
+                shutil.rmtree(art) if art.is_dir() else art.unlink()
+            summ = exporters.export(str(model_dir), fmt, str(art), **_export_kwargs(fmt, plan["quant"]))
+            st.mark("export", {"artifact": art.name, "summary": summ})
+
+        # 6. verify (runtime vs PyTorch; speed/memory in a subprocess at the profile's context length)
+        if not st.done("verify"):
+            _log("stage verify: parity, runtime perplexity, speed and memory")
+            from exporters.verify import verify
+
+            v = verify(str(art), str(model_dir), threads=cfg.threads, max_chunks=cfg.ppl_chunks,
+                       json_out=str(out / "verify.json"))
+            q = _quality(src, out, cfg, st)
+            st.mark("verify", {"verify": "verify.json", "quality": q})
+
+        # 7. report
+        _log("stage report")
+        from .report import write_report
+
+        rep = write_report(out, profile, st.d, cfg)
+        st.mark("report", {"report": "report.md", "wall_s": round(time.time() - t_all, 1)})
+        return rep
+
+
+def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) -> dict:
+    """Export the dense model at the profile's allowed quants (up to two) and measure each; fit the host figures."""
+    from . import planner
+    from exporters.speed import measure_subprocess
+
+    import exporters
+
+    if fmt != "gguf":
+        return {"skipped": "host calibration is implemented for llama.cpp profiles"}
+    quants = [q for q in ("f16", "q8_0") if q in profile.allowed_quants] or list(profile.allowed_quants[:1])
+    runs, measured = [], []
+    with atomic_dir(out / "calibrate") as tmp:
+        for q in quants:
+            art = tmp / f"dense-{q}.gguf"
+            exporters.export(str(src), "gguf", str(art), quant=q)
+            m = measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length)
+            measured.append({"quant": q, **m})
+            runs.append(planner.HostRun(str(src), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
+                                        profile.context_length, m.get("kv_tokens"), m.get("prompt")))
+        for f in tmp.glob("*.gguf"):
+            f.unlink()  # keep the measurements, not the dense artifacts
+    cal = planner.calibrate_host(runs, profile)
+    return {"measured_dense": measured, "calibration": cal.to_dict()}
+
+
+def _quality(src: Path, out: Path, cfg: RunConfig, st: RunState) -> dict:
+    """PyTorch perplexity (same chunks as verify) of the dense, pruned and recovered models."""
+    from .evaluate import perplexity
+    from .models import load, load_tokenizer
+
+    tok = load_tokenizer(src)
+    q = {"protocol": f"wikitext2, 128-token chunks, first {cfg.ppl_chunks or 'all'} chunks"}
+    for name, d in (("dense", src), ("pruned", out / "pruned"), ("finetuned", out / "finetuned")):
+        if Path(d).is_dir():
+            q[name] = perplexity(load(d), tok, "wikitext2", 128, cfg.ppl_chunks)
+    return q
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_parsers(sub) -> None:
+    s = sub.add_parser("profiles", help="list device profiles")
+    s.set_defaults(fn=_cmd_profiles)
+
+    s = sub.add_parser("plan", help="choose the pruning ratio and quant that fit a device profile")
+    s.add_argument("model")
+    s.add_argument("--profile", required=True, help="shipped profile name or a YAML path")
+    s.add_argument("--mlp-multiple", type=int, default=32)
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=_cmd_plan)
+
+    s = sub.add_parser("run", help="plan -> prune -> recover -> export -> verify -> report, resumable")
+    s.add_argument("model")
+    s.add_argument("--profile", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="flap")
+    s.add_argument("--allocation", default=None)
+    s.add_argument("--finetune", default="none", help="none, groupwise or lora")
+    s.add_argument("--finetune-minutes", type=float, default=2.0)
+    s.add_argument("--format", choices=["gguf", "onnx"], default=None)
+    s.add_argument("--calib-samples", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mlp-multiple", type=int, default=32)
+    s.add_argument("--ppl-chunks", type=int, default=200, help="chunks for runtime/PyTorch perplexity (0: all)")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--no-host-calibration", action="store_true")
+    s.set_defaults(fn=_cmd_run)
+
+
+def _cmd_profiles(a) -> int:
+    from device_profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        b = p.budgets
+        print(f"{name:28s} {p.device_class:8s} {p.runtime:12s} mem<={b.max_memory_mb:g} MB  "
+              f"decode<={b.max_decode_ms_per_token:g} ms/token  quants={','.join(p.allowed_quants)}")
+    return 0
+
+
+def _cmd_plan(a) -> int:
+    from . import planner
+
+    try:
+        res = planner.plan(a.model, a.profile, mlp_multiple=a.mlp_multiple)
+    except BudgetError as e:
+        r = getattr(e, "result", None)
+        if r is not None and a.json:
+            Path(a.json).write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+        raise
+    print(planner.format_table(res))
+    print(res.explanation)
+    if a.json:
+        with atomic_file(a.json) as tmp:
+            tmp.write_text(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+    return 0
+
+
+def _cmd_run(a) -> int:
+    cfg = RunConfig(model=a.model, profile=a.profile, out=a.out, method=a.method, allocation=a.allocation,
+                    finetune=a.finetune, finetune_minutes=a.finetune_minutes, format=a.format,
+                    calib_samples=a.calib_samples, seed=a.seed, mlp_multiple=a.mlp_multiple,
+                    ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration)
+    rep = run(cfg)
+    print(f"report: {Path(a.out) / 'report.md'}")
+    print("verdicts: " + ", ".join(f"{k}={v['verdict']}" for k, v in rep["verdicts"].items()))
+    return 0

@@ -1,0 +1,157 @@
+"""The run report: ``report.json``, ``report.md`` and PNG plots in the run directory.
+
+``report.json`` carries ``predicted`` and ``measured`` blocks with the same keys (``decode_tps``, ``prefill_tps``,
+``peak_rss_mb``, ``file_mb``) and a ``verdicts`` map: one entry per budget with the value it was judged on and
+whether that value is ``measured`` (host profiles) or ``projected`` (a device, from host-calibrated figures).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+KEYS = ("decode_tps", "prefill_tps", "peak_rss_mb", "file_mb")
+
+
+def _plots(out: Path, per_layer: list[dict], dense_layers: list[dict], pred: dict, meas: dict, budgets: dict,
+           quality: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if per_layer:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        x = list(range(len(per_layer)))
+        kv = [p["num_key_value_heads"] / d["num_key_value_heads"] for p, d in zip(per_layer, dense_layers)]
+        ff = [p["intermediate_size"] / d["intermediate_size"] for p, d in zip(per_layer, dense_layers)]
+        ax.bar([i - 0.2 for i in x], kv, width=0.4, label="attention (KV groups)")
+        ax.bar([i + 0.2 for i in x], ff, width=0.4, label="MLP channels")
+        ax.set_xlabel("layer"), ax.set_ylabel("kept fraction"), ax.set_ylim(0, 1.05), ax.legend(loc="lower right")
+        ax.set_title("Kept fraction per layer")
+        fig.tight_layout(), fig.savefig(out / "kept_per_layer.png", dpi=110), plt.close(fig)
+        files.append("kept_per_layer.png")
+    fig, axs = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, budget, label in ((axs[0], "peak_rss_mb", budgets.get("max_memory_mb"), "peak memory (MB)"),
+                                   (axs[1], "decode_ms", budgets.get("max_decode_ms_per_token"), "decode latency (ms/token)")):
+        vals = [pred.get(key), meas.get(key)]
+        ax.bar(["predicted", "measured"], [v or 0 for v in vals], color=["#8aa", "#36c"])
+        if budget:
+            ax.axhline(budget, color="r", ls="--", label=f"budget {budget:g}")
+            ax.legend(loc="lower right")
+        ax.set_title(label)
+    fig.tight_layout(), fig.savefig(out / "budget.png", dpi=110), plt.close(fig)
+    files.append("budget.png")
+    q = [(k, quality[k]) for k in ("dense", "pruned", "finetuned") if isinstance(quality.get(k), (int, float))]
+    if q:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar([k for k, _ in q], [v for _, v in q], color="#6a6")
+        ax.set_ylabel("perplexity"), ax.set_title(f"Quality ({quality.get('protocol', '')})", fontsize=8)
+        fig.tight_layout(), fig.savefig(out / "quality.png", dpi=110), plt.close(fig)
+        files.append("quality.png")
+    return files
+
+
+def write_report(out: Path, profile, state: dict, cfg) -> dict:
+    from device_profiles import load_profile  # noqa: F401
+
+    from . import planner
+    from .models import _read_config, shapes_from_config
+    from .paths import atomic_file
+    from exporters.speed import measure_subprocess
+
+    stages = state["stages"]
+    plan = stages["plan"]
+    final_dir = out / ("finetuned" if "finetune" in stages else "pruned" if "prune" in stages else "")
+    if not (final_dir / "config.json").exists():
+        from .models import _resolve
+
+        final_dir = _resolve(cfg.model)
+    art = out / stages["export"]["artifact"]
+    ver = json.loads((out / "verify.json").read_text())
+    ctx = profile.context_length
+    meas_path = out / "measured_speed.json"
+    if meas_path.exists():
+        m = json.loads(meas_path.read_text())
+    else:
+        m = measure_subprocess(art, threads=cfg.threads, n_ctx=ctx)
+        with atomic_file(meas_path) as tmp:
+            tmp.write_text(json.dumps(m, indent=2) + "\n")
+    measured = {"decode_tps": m["decode_tps"], "prefill_tps": m["prefill_tps"], "peak_rss_mb": m["peak_rss_mb"],
+                "file_mb": m["file_mb"], "decode_ms": 1000 / m["decode_tps"], "basis": "measured",
+                "protocol": f"{m.get('runtime', '')} in a subprocess, n_ctx {ctx}, {m.get('prompt')}-token prefill, "
+                            f"{m.get('gen')} decode steps, median of {m.get('repeats')}, {m.get('threads')} thread(s)"}
+    p = planner.predict(str(final_dir), plan["quant"], profile, n_ctx=ctx, kv_tokens=m.get("kv_tokens"),
+                        n_prompt=m.get("prompt"))
+    predicted = {k: getattr(p, k) for k in KEYS} | {"decode_ms": p.decode_ms, "basis": "projected"}
+    on_host = profile.name in ("host",) or getattr(profile, "base", None) == "host" or "host" in str(
+        getattr(profile, "sources", {}).get("peak_bandwidth_gbps", ""))
+    judged = measured if on_host else predicted
+    b = profile.budgets
+    verdicts = {}
+
+    def verdict(name, value, budget, ok):
+        verdicts[name] = {"budget": budget, "value": round(value, 3), "basis": judged["basis"],
+                          "verdict": "PASS" if ok else "FAIL"}
+
+    verdict("max_memory_mb", judged["peak_rss_mb"], b.max_memory_mb, judged["peak_rss_mb"] <= b.max_memory_mb)
+    verdict("max_decode_ms_per_token", judged["decode_ms"], b.max_decode_ms_per_token,
+            judged["decode_ms"] <= b.max_decode_ms_per_token)
+    if b.min_prefill_tps is not None:
+        verdict("min_prefill_tps", judged["prefill_tps"], b.min_prefill_tps, judged["prefill_tps"] >= b.min_prefill_tps)
+    quality = stages["verify"]["quality"]
+    final_q = quality.get("finetuned", quality.get("pruned", quality.get("dense")))
+    if b.max_dppl_pct is not None and quality.get("dense"):
+        d = 100 * (final_q - quality["dense"]) / quality["dense"]
+        verdicts["max_dppl_pct"] = {"budget": b.max_dppl_pct, "value": round(d, 3), "basis": "measured",
+                                    "verdict": "PASS" if d <= b.max_dppl_pct else "FAIL"}
+    cfg_d = _read_config(final_dir)
+    per_layer = [s.to_dict() for s in shapes_from_config(cfg_d)]
+    src_cfg = _read_config(Path(cfg.model))
+    dense_layers = [s.to_dict() for s in shapes_from_config(src_cfg)]
+    errs = {k: round(100 * (predicted[k] - measured[k]) / measured[k], 2) for k in KEYS if measured.get(k)}
+    rep = {"model": str(cfg.model), "profile": profile.name, "runtime": profile.runtime, "artifact": art.name,
+           "plan": plan, "prune": stages.get("prune"), "finetune": stages.get("finetune"),
+           "predicted": predicted, "measured": measured, "prediction_error_pct": errs, "verdicts": verdicts,
+           "parity": ver.get("parity"), "ppl": ver.get("ppl"), "quality_pytorch": quality,
+           "calibration": stages.get("calibrate", {}).get("calibration"), "per_layer": per_layer}
+    plots = _plots(out, per_layer, dense_layers, predicted, measured, {"max_memory_mb": b.max_memory_mb,
+                   "max_decode_ms_per_token": b.max_decode_ms_per_token}, quality)
+    rep["plots"] = plots
+    with atomic_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(_markdown(rep, profile))
+    return rep
+
+
+def _markdown(r: dict, profile) -> str:
+    L = [f"# edgeprune report: {Path(r['model']).name} on {r['profile']}", "",
+         f"Runtime {r['runtime']}, artifact `{r['artifact']}`. Plan: {r['plan']['explanation']}", ""]
+    if r.get("prune"):
+        L.append(f"Pruned: achieved {r['prune']['achieved_ratio']:.2%} of non-embedding parameters removed, "
+                 f"{r['prune']['params_after']:,} parameters.")
+    if r.get("finetune"):
+        L.append(f"Recovered with {r['finetune']['strategy']} fine-tuning.")
+    L += ["", "## Verdicts", "", "| budget | limit | value | basis | verdict |", "|---|---|---|---|---|"]
+    for k, v in r["verdicts"].items():
+        L.append(f"| {k} | {v['budget']} | {v['value']} | {v['basis']} | **{v['verdict']}** |")
+    L += ["", "## Predicted vs measured (host)", "", "| figure | predicted | measured | error |", "|---|---|---|---|"]
+    for k in KEYS:
+        L.append(f"| {k} | {r['predicted'][k]:.2f} | {r['measured'][k]:.2f} | {r['prediction_error_pct'].get(k, 0):+.1f}% |")
+    L += ["", f"Measured: {r['measured']['protocol']}. Predicted figures are projections from the planner's model "
+              "(weights + KV cache + calibrated runtime overhead; bytes per token / effective bandwidth + fixed cost).", ""]
+    par = r.get("parity") or {}
+    ppl = r.get("ppl") or {}
+    L += ["## Accuracy on the runtime", "",
+          f"- logits vs PyTorch: max |Δ| {par.get('max_abs_diff')}, argmax agreement {par.get('argmax_agreement')}, "
+          f"greedy continuation identical: {par.get('greedy_match')}",
+          f"- perplexity (runtime / PyTorch): {ppl.get('runtime')} / {ppl.get('reference')}",
+          f"- PyTorch perplexity dense → pruned → recovered: " + " → ".join(
+              f"{k} {v:.2f}" for k, v in r["quality_pytorch"].items() if isinstance(v, float))
+          + f" ({r['quality_pytorch'].get('protocol')})", ""]
+    L += ["## Per-layer shapes", "", "| layer | q heads | kv heads | mlp |", "|---|---|---|---|"]
+    for i, s in enumerate(r["per_layer"]):
+        L.append(f"| {i} | {s['num_attention_heads']} | {s['num_key_value_heads']} | {s['intermediate_size']} |")
+    L += ["", *[f"![{p}]({p})" for p in r.get("plots", [])], ""]
+    return "\n".join(L) + "\n"
