@@ -160,3 +160,24 @@ def test_missing_data_and_bad_limit(ref, tmp_path, monkeypatch):
     monkeypatch.delenv("EDGEPRUNE_DATA")
     with pytest.raises(EdgepruneError, match="limit"):
         zeroshot.evaluate_zeroshot(model, tok, ["piqa"], limit=0)
+
+
+def test_hellaswag_when_its_folder_appears(ref, tmp_path, monkeypatch):
+    """HellaSwag runs from a standard-schema jsonl once data_dir()/hellaswag/ exists (synthetic 3-doc file here)."""
+    model, tok = ref
+    assert "hellaswag" not in zeroshot.available_tasks() or (paths.data_dir() / "hellaswag").is_dir()
+    (tmp_path / "hellaswag").mkdir()
+    docs = [{"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts an onion.", "ctx_b": "he",
+             "endings": ["puts it in a pan [title] and stirs.", "flies to the moon.", "reads a book.", "sleeps."],
+             "label": i % 4, "split": "val"} for i in range(3)]
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    monkeypatch.setenv("EDGEPRUNE_DATA", str(tmp_path))
+    assert zeroshot.available_tasks() == ["hellaswag"]
+    out = zeroshot._run(model, tok, ["hellaswag"], None, 4, log_samples=True)
+    s = sorted(out["samples"]["hellaswag"], key=lambda x: x["doc_id"])
+    assert len(s) == 3 and [x["target"] for x in s] == [0, 1, 2]
+    # lm-eval's hellaswag preprocessing: "activity: ctx_a Ctx_b", " [title]" -> ". ", brackets dropped
+    assert s[0]["arguments"][0][0] == "Cooking: A man cuts an onion. He"
+    assert s[0]["arguments"][0][1] == " puts it in a pan. and stirs."
+    res = zeroshot._summarise(out, ["hellaswag"])
+    assert res["hellaswag"]["n"] == 3 and res["average"] == res["hellaswag"]["acc_norm"]
