@@ -1,4 +1,5 @@
 """SAAP: homoscedastic-uncertainty fusion properties and importance-fluctuation layer ratios."""
+import pytest
 import torch
 
 from edgeprune import testing as T
@@ -7,6 +8,15 @@ from edgeprune.groups import model_groups, plan_params
 from edgeprune.importance import Context, get_method
 from edgeprune.importance.saap import closed_sigma2, fuse, learned_sigma2
 from edgeprune.models import count_params
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~50x slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _raw(seed=0, layers=4):
