@@ -270,7 +270,12 @@ def _read_yaml(path: Path) -> Any:
     except OSError as e:
         raise EdgepruneError(f"{path}: cannot read profile ({e.strerror}); check the path") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(text)   # plain YAML only: a !!python/... tag is refused, never constructed
+    except yaml.constructor.ConstructorError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise EdgepruneError(f"{path}: YAML tag not allowed{at} ({e.problem}); profiles are plain YAML, remove the "
+                             "tag and fix the value") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

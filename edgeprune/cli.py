@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,9 +62,29 @@ def cmd_prune(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .data import EVAL_SETS
     from .evaluate import evaluate
     from .models import load, load_tokenizer
 
+    # check every option before loading anything
+    for name in _csv(a.ppl):
+        if name not in EVAL_SETS:
+            raise EdgepruneError(f"--ppl: unknown evaluation set '{name}'; use a comma list of {', '.join(EVAL_SETS)}")
+    if not 2 <= a.seq_len <= 1_000_000:
+        raise EdgepruneError(f"--seq-len {a.seq_len} is out of range; use at least 2 tokens (128 is the protocol)")
+    for flag, v in (("--max-chunks", a.max_chunks), ("--limit", a.limit)):
+        if v is not None and v < 1:
+            raise EdgepruneError(f"{flag} {v} must be >= 1 (leave it out for all)")
+    if _csv(a.tasks):
+        from .zeroshot import TASK_FILES
+
+        bad = [t for t in _csv(a.tasks) if t not in TASK_FILES]
+        if bad:
+            raise EdgepruneError(f"--tasks: unknown task(s) {', '.join(bad)}; valid names: {', '.join(TASK_FILES)}")
+    if a.json:
+        from .paths import check_output_file
+
+        check_output_file(a.json, flag="--json")
     model, tok = load(a.model), load_tokenizer(a.model)
     res = evaluate(model, tok, ppl=_csv(a.ppl), seq_len=a.seq_len, tasks=_csv(a.tasks), limit=a.limit,
                    speed=a.speed, max_chunks=a.max_chunks, progress=not a.quiet)
@@ -96,6 +117,10 @@ def model_info(model) -> dict:
 def cmd_info(a) -> int:
     from .models import load
 
+    if a.json:
+        from .paths import check_output_file
+
+        check_output_file(a.json, flag="--json")
     info = model_info(load(a.model))
     print(f"{info['architecture']}: {info['total_params']:,} parameters, {info['non_embedding_params']:,} non-embedding")
     print("bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["bytes"].items()))
@@ -112,19 +137,57 @@ def cmd_export(a) -> int:
 
     from .paths import check_output_dir
 
+    from .paths import check_output_file
+
     out = Path(a.out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
         if not a.overwrite:
             raise EdgepruneError(f"--out {out} exists; pass --overwrite or choose another path")
-    check_output_dir(out if out.suffix != ".gguf" else out.parent / ".probe", True, inputs=(a.model,))
+    if a.format == "gguf":
+        check_output_file(out, inputs=(a.model,))
+    else:
+        check_output_dir(out, True, inputs=(a.model,))
     summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
+    note = fallback_note(summary)
+    if note:
+        print(f"edgeprune: note: {note}", file=sys.stderr)
     return 0
+
+
+def fallback_note(summary: dict) -> str | None:
+    """One line explaining a GGUF quantization fallback (tensors whose row length the quant's block cannot take)."""
+    rep = summary.get("quant_report") or {}
+    fbs = rep.get("fallbacks") or []
+    if not fbs:
+        return None
+    from exporters.gguf import BLOCK
+
+    q = rep.get("quant") or summary.get("quant")
+    got = sorted({f["got"] for f in fbs})
+    rows = sorted({f["row_len"] for f in fbs})
+    return (f"{len(fbs)} of {rep.get('n_tensors_quantized', '?')} quantized tensors could not take {q} (row lengths "
+            f"{', '.join(map(str, rows[:6]))}{' ...' if len(rows) > 6 else ''} are not multiples of its "
+            f"{BLOCK.get(q, '?')}-value block) and were stored as {', '.join(got)} instead "
+            f"({rep.get('growth_mb', 0):+.3f} MB); the file is valid. To avoid it prune with --round-mlp 256 "
+            "(K-quants) or 32 (q8_0), or pick q8_0")
 
 
 def cmd_verify(a) -> int:
     from exporters.verify import verify
 
+    if a.profile is not None:  # fail before minutes of measuring, not after
+        from device_profiles import load_profile
+
+        load_profile(a.profile)
+    if a.threads is not None and a.threads < 1:
+        raise EdgepruneError(f"--threads {a.threads} must be >= 1")
+    if a.ppl_chunks is not None and a.ppl_chunks < 1:
+        raise EdgepruneError(f"--ppl-chunks {a.ppl_chunks} must be >= 1 (leave it out for all chunks)")
+    if a.json:
+        from .paths import check_output_file
+
+        check_output_file(a.json, flag="--json")
     res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads or 2, json_out=a.json,
                  max_chunks=a.ppl_chunks)
     print(json.dumps(res, indent=2, default=str))
@@ -211,12 +274,34 @@ def _add_optional(sub) -> None:
         m.add_parsers(sub)
 
 
+def _one_line(msg, limit: int = 2000) -> str:
+    """Any message as one line (a library's multi-line text joined with ' | '), capped in length."""
+    s = " | ".join(part.strip() for part in str(msg).splitlines() if part.strip())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# messages of non-OSError exceptions that are really failed writes (safetensors' Rust writer, torch.save's zip writer)
+_IO_MARKERS = ("os error", "file too large", "no space left", "read-only file system", "disk quota",
+               "inline_container", "pytorchstreamwriter", "unexpected pos")
+
+
+def _ignore_sigxfsz() -> None:
+    """Under a file-size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ on the first oversized
+    write; ignored, the write fails with EFBIG instead and is reported as one line like any other disk error."""
+    try:
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except ValueError:  # not the main thread (main() called from a worker thread)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _ignore_sigxfsz()
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args) or 0
     except EdgepruneError as e:
-        print(f"edgeprune: error: {e}", file=sys.stderr)
+        print(f"edgeprune: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("edgeprune: interrupted", file=sys.stderr)
@@ -227,13 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("EDGEPRUNE_DEBUG"):
             raise
-        print(f"edgeprune: error: {e.strerror or e} ({e.filename or ''}); check the path, permissions and free disk space",
-              file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        what = e.strerror or (f"write failed: {e.args[0]}" if e.errno is None and e.args else str(e))
+        print(f"edgeprune: error: {_one_line(what)}{where}; check the path, permissions and free disk "
+              "space (and any file-size limit, ulimit -f)", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001
         if os.environ.get("EDGEPRUNE_DEBUG"):
             raise
-        print(f"edgeprune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        text = _one_line(e, 300)
+        if any(m in text.lower() for m in _IO_MARKERS):
+            print(f"edgeprune: error: writing output failed ({type(e).__name__}: {text}); check free disk space, "
+                  "permissions and any file-size limit (ulimit -f), then re-run", file=sys.stderr)
+            return 2
+        print(f"edgeprune: internal error: {type(e).__name__}: {text} "
               "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
         return 1
 

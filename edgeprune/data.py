@@ -83,7 +83,8 @@ def _jsonl_texts(p: Path) -> list[str]:
             inp = f"\n\n### Input:\n{row['input']}" if row.get("input") else ""
             out.append(f"### Instruction:\n{row['instruction']}{inp}\n\n### Response:\n{row['output']}")
         else:
-            raise EdgepruneError(f"{p} line {i} has neither 'text' nor 'instruction'/'output' fields")
+            raise EdgepruneError(f"{p} line {i} has neither 'text' nor 'instruction'/'output' fields; add a 'text' "
+                                 "field or fix that row")
     return out
 
 
@@ -114,7 +115,7 @@ def source_texts(source: str) -> list[str]:
         return [t for f in files for t in (_jsonl_texts(f) if f.suffix == ".jsonl" else [_read(f)])]
     if not p.exists():
         raise EdgepruneError(f"calibration source '{source}' is neither a named set ({', '.join(CALIB_SETS)}) "
-                             "nor an existing file")
+                             "nor an existing file; pass an existing .txt/.jsonl path or a named set")
     return _jsonl_texts(p) if p.suffix == ".jsonl" else [_read(p)]
 
 
@@ -124,7 +125,8 @@ def calibration_ids(tokenizer, source: str, n_samples: int = 128, seq_len: int =
     Each window starts with BOS (as a model sees a document start), then ``seq_len-1`` text tokens.
     """
     if n_samples <= 0 or seq_len < 8:
-        raise EdgepruneError(f"calibration needs n_samples >= 1 and seq_len >= 8 (got {n_samples}, {seq_len})")
+        raise EdgepruneError(f"calibration needs --calib-samples >= 1 and --calib-len >= 8 (got {n_samples}, "
+                             f"{seq_len}); raise them")
     texts = [t for t in source_texts(source) if t.strip()]
     if not texts:
         raise EdgepruneError(f"calibration source '{source}' is empty; pass a file with text in it")

@@ -116,8 +116,8 @@ def resize_to_shapes(model, shapes: list[LayerShape]) -> None:
     for layer, s in zip(layers, shapes):
         a, m = layer.self_attn, layer.mlp
         if s.num_key_value_heads and s.num_attention_heads % s.num_key_value_heads:
-            raise EdgepruneError(f"layer has {s.num_attention_heads} q heads, not a multiple of its "
-                                 f"{s.num_key_value_heads} KV heads; per-layer shapes are corrupt")
+            raise EdgepruneError(f"config.json 'pruning.per_layer': a layer has {s.num_attention_heads} q heads, not a "
+                                 f"multiple of its {s.num_key_value_heads} KV heads; re-export the pruned model")
         nq, nkv, ff = s.num_attention_heads, s.num_key_value_heads, s.intermediate_size
         a.q_proj = _linear(H, nq * hd, qkv_bias, a.q_proj)
         a.k_proj = _linear(H, nkv * hd, qkv_bias, a.k_proj)
@@ -153,7 +153,8 @@ def _read_config(path: Path) -> dict:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         v = d.get(key)
         if not isinstance(v, int) or v <= 0:
-            raise EdgepruneError(f"{cfg_file}: field '{key}' is missing or not a positive integer ({v!r})")
+            raise EdgepruneError(f"{cfg_file}: field '{key}' is missing or not a positive integer ({v!r}); "
+                                 "restore the model's config.json")
     return d
 
 
@@ -203,7 +204,8 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             except Exception as e:
                 raise EdgepruneError(f"{f} cannot be loaded safely ({type(e).__name__}); convert it to safetensors") from None
         return sd
-    raise EdgepruneError(f"{path} has no model weights (*.safetensors or pytorch_model.bin)")
+    raise EdgepruneError(f"{path} has no model weights (*.safetensors or pytorch_model.bin); copy the weight files "
+                         "into the folder or re-download the model")
 
 
 def shapes_from_config(d: dict) -> list[LayerShape]:
@@ -225,22 +227,10 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     LLaMA/Mistral/Qwen2 checkpoint. ``trust_remote_code`` is accepted for API symmetry but never needed:
     only the three built-in architectures are loaded, so no code from the checkpoint ever runs.
     """
-    import transformers
-
     path = _resolve(model)
     d = _read_config(path)
-    shapes = shapes_from_config(d)
-    cfg_dict = {k: v for k, v in d.items() if k not in ("pruning",)}
-    arch = d["architectures"][0]
-    config = transformers.AutoConfig.for_model(**{k: v for k, v in cfg_dict.items() if k not in ("architectures",)})
-    config.architectures = [arch]
-    if getattr(config, "head_dim", None) is None:
-        config.head_dim = d["hidden_size"] // d["num_attention_heads"]
-    cls = getattr(transformers, arch)
     sd = _load_state_dict(path)
-    with torch.device("meta"):
-        m = cls(config)
-    resize_to_shapes(m, shapes)
+    m, config = _meta_model(d)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if not tied and "lm_head.weight" not in sd:
         raise EdgepruneError(f"{path}: config says untied embeddings (tie_word_embeddings=false) but the weights have "
@@ -249,7 +239,7 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     for k, t in sd.items():
         if k in expected and tuple(expected[k].shape) != tuple(t.shape):
             raise EdgepruneError(f"{path}: weight {k} has shape {tuple(t.shape)} but config.json implies "
-                                 f"{tuple(expected[k].shape)}; the config does not match the weights")
+                                 f"{tuple(expected[k].shape)}; restore the config.json that came with these weights")
     if tied and "lm_head.weight" in sd:
         sd = dict(sd)
         if not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
@@ -263,7 +253,8 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise EdgepruneError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); the checkpoint is incomplete or from another architecture")
+                             f"{unexpected[:3]}); the checkpoint is incomplete or from another architecture: "
+                             "re-download it")
     _rebuild_buffers(m, config)
     if dtype is not None:
         m = m.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
@@ -271,6 +262,86 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     m.config.use_cache = True
     m.name_or_path = str(path)
     return m
+
+
+def _meta_model(d: dict):
+    """The stock HF class for a validated config dict, on the meta device, resized to its per-layer shapes."""
+    import transformers
+
+    shapes = shapes_from_config(d)
+    arch = d["architectures"][0]
+    try:
+        config = transformers.AutoConfig.for_model(**{k: v for k, v in d.items() if k not in ("pruning", "architectures")})
+    except (ValueError, TypeError, KeyError) as e:
+        raise EdgepruneError(f"config.json cannot be read as a {arch} config ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:150] if str(e) else ''}); restore the model's config.json") from None
+    config.architectures = [arch]
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = d["hidden_size"] // d["num_attention_heads"]
+    with torch.device("meta"):
+        m = getattr(transformers, arch)(config)
+    resize_to_shapes(m, shapes)
+    return m, config
+
+
+def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, after checking the file holds all the bytes the header promises."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 1 or 8 + n > size:
+                raise EdgepruneError(f"{f} is truncated or not a safetensors file ({size} bytes); re-download or "
+                                     "re-export the weights")
+            hdr = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights") from None
+    if not isinstance(hdr, dict):
+        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights")
+    try:
+        tensors = {k: v for k, v in hdr.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: tuple(int(x) for x in v["shape"]) for k, v in tensors.items()}
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights") from None
+    if 8 + n + end > size:
+        raise EdgepruneError(f"{f} is truncated ({size:,} bytes, its header needs {8 + n + end:,}); re-download or "
+                             "re-export the weights")
+    return shapes
+
+
+def check_model_dir(model: str | Path) -> Path:
+    """Cheap validation of a model directory without reading the weights: config, tokenizer files, safetensors
+    headers (complete files, shapes matching the config). Raises :class:`EdgepruneError`; returns the path."""
+    path = _resolve(model)
+    d = _read_config(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise EdgepruneError(f"{path} has no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
+                             "from the source model")
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise EdgepruneError(f"{index} is corrupt; restore the model's safetensors index") from None
+    if not files:
+        if sorted(path.glob("pytorch_model*.bin")):
+            return path   # checked when loaded (weights_only=True)
+        raise EdgepruneError(f"{path} has no model weights (*.safetensors or pytorch_model.bin); copy the weight files "
+                         "into the folder or re-download the model")
+    got: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if not f.is_file():
+            raise EdgepruneError(f"{f} is listed in the index but missing; re-download the model")
+        got.update(_safetensors_shapes(f))
+    m, _ = _meta_model(d)
+    for k, t in m.state_dict().items():
+        if k in got and tuple(t.shape) != got[k]:
+            raise EdgepruneError(f"{path}: weight {k} has shape {got[k]} but config.json implies {tuple(t.shape)}; "
+                                 "restore the config.json that came with these weights")
+    return path
 
 
 def _rebuild_buffers(model, config) -> None:
@@ -292,7 +363,8 @@ def load_tokenizer(model: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
-        raise EdgepruneError(f"{path}: tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:100]})") from None
+        raise EdgepruneError(f"{path}: tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:100]}); restore the "
+                             "tokenizer files from the source model") from None
 
 
 # ----------------------------------------------------------------------------------------------- saving

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BudgetError, EdgepruneError
-from .paths import atomic_dir, atomic_file
+from .paths import atomic_dir, atomic_file, remove_stale_temps
 
 STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 
@@ -56,35 +56,48 @@ class RunState:
 
 
 class Lock:
-    """``DIR/.lock`` with the holder's pid; a stale lock (dead pid) is taken over."""
+    """``DIR/.lock`` holding the running process's pid, with an exclusive ``flock`` on it.
+
+    The kernel drops the flock when the holder dies (even by ``kill -9``), so a stale lock file never blocks a
+    re-run, and two processes can never both hold it (no check-then-write race).
+    """
 
     def __init__(self, out: Path):
         self.path = out / ".lock"
+        self.fd: int | None = None
 
     def __enter__(self):
-        if self.path.exists():
+        import fcntl
+
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                pid = int(self.path.read_text().strip() or 0)
-            except ValueError:
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise EdgepruneError(f"{self.path.parent} is in use by another edgeprune run (pid {pid}); wait for it "
-                                     "or choose another --out")
-        self.path.write_text(str(os.getpid()))
-        return self
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    pid = int(os.pread(fd, 32, 0).decode(errors="replace").strip() or 0)
+                except ValueError:
+                    pid = 0
+                os.close(fd)
+                raise EdgepruneError(f"{self.path.parent} is in use by another edgeprune run (pid {pid or 'unknown'}, "
+                                     f"lock {self.path}); wait for it to finish or choose another --out") from None
+            try:   # the holder before us may have unlinked the file we locked: then lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise EdgepruneError(f"could not take the lock {self.path}; retry")
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)   # releases the flock
+            self.fd = None
 
 
 def _log(msg: str) -> None:
@@ -109,11 +122,10 @@ def run(cfg: RunConfig) -> dict:
     from device_profiles import load_profile
 
     from . import planner
-    from .models import load_tokenizer  # noqa: F401  (validates early below)
-    from .models import _read_config, _resolve
+    from .models import _resolve, check_model_dir
 
     src = _resolve(cfg.model)
-    _read_config(src)
+    check_model_dir(src)   # config, tokenizer and weight headers/shapes, before anything is written
     profile = load_profile(cfg.profile)
     fmt = cfg.format or _fmt_for(profile)
     if fmt != _fmt_for(profile):
@@ -121,11 +133,38 @@ def run(cfg: RunConfig) -> dict:
                              "drop --format or pick a profile for that runtime")
     if cfg.finetune not in ("none", "groupwise", "lora"):
         raise EdgepruneError(f"--finetune {cfg.finetune} unknown; use none, groupwise or lora")
+    if cfg.calib_samples < 1:
+        raise EdgepruneError(f"--calib-samples {cfg.calib_samples} must be >= 1")
+    if cfg.threads < 1:
+        raise EdgepruneError(f"--threads {cfg.threads} must be >= 1")
+    if cfg.finetune_minutes <= 0:
+        raise EdgepruneError(f"--finetune-minutes {cfg.finetune_minutes} must be > 0")
+    if cfg.ppl_chunks is not None and cfg.ppl_chunks < 0:
+        raise EdgepruneError(f"--ppl-chunks {cfg.ppl_chunks} must be >= 0 (0: all chunks)")
     out = Path(cfg.out).resolve()
     if out == src.resolve() or src.resolve() in out.parents:
         raise EdgepruneError(f"--out {out} is inside the input model {src}; choose an output path outside it")
+    if out.exists() and not out.is_dir():
+        raise EdgepruneError(f"--out {out} is an existing file; pass a folder for the run")
+    from .paths import check_writable
+
+    check_writable(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_locked(cfg, src, out, profile, fmt)
+    except BaseException:
+        # a run that completed no stage leaves nothing behind (a resumable partial run keeps its stages)
+        if created and not (out / "state.json").exists() and not (out / ".lock").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict:
+    from . import planner
+
     with Lock(out):
+        remove_stale_temps(out)   # temp siblings of a killed earlier run (we hold the lock: nobody owns them)
         st = RunState(out)
         t_all = time.time()
 
@@ -299,7 +338,8 @@ def _cmd_plan(a) -> int:
     except BudgetError as e:
         r = getattr(e, "result", None)
         if r is not None and a.json:
-            Path(a.json).write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+            with atomic_file(a.json) as tmp:
+                tmp.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
         raise
     print(planner.format_table(res))
     print(res.explanation)

@@ -29,7 +29,7 @@ def _plots(out: Path, per_layer: list[dict], dense_layers: list[dict], pred: dic
         ax.bar([i + 0.2 for i in x], ff, width=0.4, label="MLP channels")
         ax.set_xlabel("layer"), ax.set_ylabel("kept fraction"), ax.set_ylim(0, 1.05), ax.legend(loc="lower right")
         ax.set_title("Kept fraction per layer")
-        fig.tight_layout(), fig.savefig(out / "kept_per_layer.png", dpi=110), plt.close(fig)
+        fig.tight_layout(), _savefig(fig, out / "kept_per_layer.png"), plt.close(fig)
         files.append("kept_per_layer.png")
     fig, axs = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, key, budget, label in ((axs[0], "peak_rss_mb", budgets.get("max_memory_mb"), "peak memory (MB)"),
@@ -40,16 +40,24 @@ def _plots(out: Path, per_layer: list[dict], dense_layers: list[dict], pred: dic
             ax.axhline(budget, color="r", ls="--", label=f"budget {budget:g}")
             ax.legend(loc="lower right")
         ax.set_title(label)
-    fig.tight_layout(), fig.savefig(out / "budget.png", dpi=110), plt.close(fig)
+    fig.tight_layout(), _savefig(fig, out / "budget.png"), plt.close(fig)
     files.append("budget.png")
     q = [(k, quality[k]) for k in ("dense", "pruned", "finetuned") if isinstance(quality.get(k), (int, float))]
     if q:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.bar([k for k, _ in q], [v for _, v in q], color="#6a6")
         ax.set_ylabel("perplexity"), ax.set_title(f"Quality ({quality.get('protocol', '')})", fontsize=8)
-        fig.tight_layout(), fig.savefig(out / "quality.png", dpi=110), plt.close(fig)
+        fig.tight_layout(), _savefig(fig, out / "quality.png"), plt.close(fig)
         files.append("quality.png")
     return files
+
+
+def _savefig(fig, path: Path) -> None:
+    """PNG written to a temp sibling and renamed (a killed run never leaves a half-written plot)."""
+    from .paths import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def write_report(out: Path, profile, state: dict, cfg) -> dict:

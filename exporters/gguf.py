@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ QUANTS = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama_ftype val
 FLOATS = ("f32", "f16")
 BLOCK = {"q8_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
 ZERO_FFN_PAD = 32
+META_MAX_CHARS = 256          # free-text metadata (general.name, ...): one line, capped
+TEMPLATE_MAX_CHARS = 65536    # tokenizer.chat_template keeps its newlines/tabs (Jinja needs them), capped
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -315,6 +318,33 @@ def write_vocab(w, src: Path, V: int) -> str:
     return kind
 
 
+# ----------------------------------------------------------------------------------------------- metadata
+def sanitize_meta(text, keep_newlines: bool = False, limit: int = META_MAX_CHARS) -> str:
+    """A metadata string as it may be written into a GGUF: control/format characters removed (newlines and tabs
+    too unless ``keep_newlines``), whitespace collapsed on one line, at most ``limit`` characters. Names come from
+    folder names and downloaded configs, and end up in other tools' logs and UIs."""
+    import unicodedata
+
+    keep = "\n\t" if keep_newlines else ""
+    s = "".join(c if c in keep or unicodedata.category(c)[0] != "C" else " " for c in str(text))
+    if not keep_newlines:
+        s = " ".join(s.split())
+    return s[:limit]
+
+
+def _sanitize_kv(w) -> None:
+    """Apply :func:`sanitize_meta` to every string key-value of a GGUFWriter (the token list, an array, is untouched)."""
+    import gguf
+
+    for kv in w.kv_data:
+        for key, v in list(kv.items()):
+            if v.type == gguf.GGUFValueType.STRING and isinstance(v.value, str):
+                tmpl = key.startswith("tokenizer.chat_template")
+                clean = sanitize_meta(v.value, keep_newlines=tmpl, limit=TEMPLATE_MAX_CHARS if tmpl else META_MAX_CHARS)
+                if clean != v.value:
+                    kv[key] = gguf.GGUFValue(value=clean, type=v.type, sub_type=getattr(v, "sub_type", None))
+
+
 # ----------------------------------------------------------------------------------------------- writer
 @dataclass
 class LayerPlan:
@@ -421,6 +451,7 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
         add("output_norm.weight", _np(model.model.norm.weight))
         if not tied:
             add("output.weight", _np(model.lm_head.weight))
+        _sanitize_kv(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -518,7 +549,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16", thre
     if quant in FLOATS:
         return write_gguf(model, model_dir, out, quant)
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-    mid = out.with_name(out.stem + (".f16" if half else ".f32") + ".gguf")
+    # the float intermediate is a hidden temp sibling: a killed export never leaves a finished-looking .gguf
+    mid = out.with_name(f".{out.name}.tmp-{os.getpid()}-{'f16' if half else 'f32'}.gguf")
     s = write_gguf(model, model_dir, mid, "f16" if half else "f32")
     del model
     try:

@@ -60,7 +60,8 @@ class LlamaCppRuntime:
             self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                                        n_threads_batch=threads, logits_all=logits_all, verbose=verbose, **kw)
         except ValueError as e:
-            raise EdgepruneError(f"llama.cpp cannot load {path} ({e}); run with verbose=True to see its log") from None
+            raise EdgepruneError(f"llama.cpp cannot load {path} ({e}); the file is not a valid GGUF for this llama.cpp: "
+                                 "re-export it with edgeprune export") from None
         self.n_ctx, self.vocab = n_ctx, self.llm.n_vocab()
 
     def logits(self, ids) -> np.ndarray:

@@ -111,7 +111,7 @@ def budgets(result: dict, profile) -> dict:
     ``edgeprune.device_profiles.load_profile`` when that module exists, else a YAML file."""
     if isinstance(profile, (str, Path)):
         try:
-            from edgeprune.device_profiles import load_profile  # type: ignore
+            from device_profiles import load_profile  # type: ignore
             profile = load_profile(str(profile))
         except ImportError:
             import yaml
@@ -120,6 +120,10 @@ def budgets(result: dict, profile) -> dict:
             if not p.is_file():
                 raise EdgepruneError(f"profile {profile} not found; pass a profile YAML file") from None
             profile = yaml.safe_load(p.read_text())
+
+    if not isinstance(profile, dict) and hasattr(profile, "budgets"):   # a device_profiles.DeviceProfile
+        b = profile.budgets
+        profile = {"max_memory_mb": b.max_memory_mb, "max_decode_ms": b.max_decode_ms_per_token}
 
     def get(*names):
         for k in names:

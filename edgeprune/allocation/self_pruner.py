@@ -75,8 +75,11 @@ def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
     cfg = SearchConfig(population=int(ex.get("population", 30)), n_crossover=int(ex.get("n_crossover", 10)),
                        n_mutation=int(ex.get("n_mutation", 10)), generations=int(ex.get("generations", 20)),
                        seed=ctx.seed, log=ex.get("log"))
-    backend = make_backend(ex, ctx.seed, f"{getattr(ctx.model.config, 'model_type', 'llama')} with {len(groups)} "
-                                         f"decoder layers ({len(idx)} prunable)")
+    try:
+        backend = make_backend(ex, ctx.seed, f"{getattr(ctx.model.config, 'model_type', 'llama')} with {len(groups)} "
+                                             f"decoder layers ({len(idx)} prunable)")
+    except ValueError as e:   # a misconfigured backend is bad input (exit 2), not an internal error
+        raise EdgepruneError(f"self-pruner --opt: {e}; fix the --opt values") from None
     t = time.time()
     res = search(space, fitness, backend, cfg)
     uni = fitness([beta] * len(idx))  # cached by the search when seed_uniform; cheap otherwise
