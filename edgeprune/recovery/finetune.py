@@ -1,0 +1,469 @@
+"""Recovery fine-tuning of a (pruned) model with LoRA, merged back into a plain pruned-model directory.
+
+Strategies (``docs/methods.md`` §3.2 step 7 and §2.1 step 7; the exact SAAP recipe is not available):
+
+* ``lora`` — LLM-Pruner's recipe: LoRA r=8, α=16, dropout 0.05 on q,k,v,o,gate,up,down of **every** layer, trained
+  together (AdamW, no weight decay, linear warm-up then cosine decay to 10 % of ``lr``, grad-norm clip 1.0).
+* ``groupwise`` — our reading of SAAP's *group fine-tuning*: the decoder layers are split into ``groups`` groups,
+  by pruning severity (``1 − params_ℓ / dense params_ℓ``, most severe first; the dense shape comes from the
+  ``source_model`` recorded in the provenance, else from the config's largest layer) or by position for a dense
+  model. Groups are tuned **in turn** with the same LoRA recipe while every other layer is frozen; a finished group's
+  adapters are merged (peft ``merge_and_unload``) before the next group's are created, so only one group's adapters,
+  gradients and optimizer state exist at a time, and layers below the active group run without autograd. The step
+  (or time) budget is shared equally by the groups still to run; each group stops early once the held-out loss has
+  not improved for ``patience`` evaluations, and keeps its best adapter (so a group never makes held-out loss worse).
+* ``quantize='int8'|'int4'`` — frozen base weights are held as per-group symmetric integers during tuning
+  (:mod:`edgeprune.recovery.quant`, QLoRA-style); the output merges all LoRA deltas into the original fp weights.
+
+Data: :class:`edgeprune.recovery.stream.TokenStream` (seeded shuffle of ~4k-character pieces, packing into
+``seq_len`` blocks, a held-out slice of the fine-tuning data for evaluation and early stopping).
+
+Checkpoints (``OUT.ckpt/state.pt``, written atomically every ``ckpt_every`` steps and at group boundaries) hold the
+finished groups' LoRA factors, the active adapters, optimizer, torch RNG state, stream position and counters; with
+``resume=True`` a step-budgeted run continues bitwise-identically to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import EdgepruneError
+from ..models import decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
+from ..paths import atomic_file, check_output_dir
+from .stream import TokenStream
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STRATEGIES = ("groupwise", "lora")
+QUANTS = ("none", "int8", "int4")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that determines the result (a resumed run must match it exactly)."""
+
+    data: str = "gutenberg"
+    strategy: str = "groupwise"
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 1e-3
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    groups: int = 4
+    quantize: str = "none"
+    quant_group: int = 64
+    seq_len: int = 128
+    batch_size: int = 8
+    seed: int = 0
+    eval_every: int = 25
+    patience: int = 4
+    warmup: int = 10
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise EdgepruneError(f"--strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
+        if self.quantize not in QUANTS:
+            raise EdgepruneError(f"--quantize {self.quantize!r} is unknown; use one of {', '.join(QUANTS)}")
+        if self.steps is not None and self.minutes is not None:
+            raise EdgepruneError("give either --steps or --minutes, not both")
+        if self.steps is None and self.minutes is None:
+            self.steps = 200
+        checks = [("steps", self.steps is None or self.steps >= 1), ("minutes", self.minutes is None or self.minutes > 0),
+                  ("lr", self.lr > 0), ("rank", self.rank >= 1), ("alpha", self.alpha > 0),
+                  ("dropout", 0 <= self.dropout < 1), ("groups", self.groups >= 1), ("seq-len", self.seq_len >= 8),
+                  ("batch-size", self.batch_size >= 1), ("eval-every", self.eval_every >= 1),
+                  ("patience", self.patience >= 1)]
+        for name, ok in checks:
+            if not ok:
+                raise EdgepruneError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range")
+
+
+@dataclass
+class FinetuneResult:
+    out: str | None              # None when the run stopped early (stop_after) and left only a checkpoint
+    complete: bool
+    strategy: str
+    quantize: str
+    groups: list[list[int]]      # layer indices of each group, in tuning order
+    steps: int
+    tokens: int
+    train_s: float
+    tokens_per_s: float
+    eval_loss_before: float      # held-out slice of the fine-tuning data
+    eval_loss_after: float
+    merge_max_abs_diff: float | None  # logits: tuned model before merging vs the reloaded output
+    peak_rss_mb: float
+    peak_trainable_params: int
+    resumed_from_step: int | None
+    checkpoint_dir: str
+    history: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ groups
+def _params_of(nq: int, nkv: int, ff: int, hidden: int, hd: int) -> int:
+    return (2 * nq + 2 * nkv) * hd * hidden + 3 * ff * hidden
+
+
+def layer_severity(model, model_dir: str | Path) -> list[float]:
+    """Fraction of each layer's attention+MLP weights removed relative to the dense model (0 for a dense model)."""
+    d = json.loads((Path(model_dir) / "config.json").read_text())
+    src = ((d.get("pruning") or {}).get("provenance") or {}).get("source_model")
+    dense = d
+    if src and (Path(src) / "config.json").is_file():
+        try:
+            dense = json.loads((Path(src) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    shapes, hd, H = layer_shapes(model), head_dim(model), model.config.hidden_size
+    full = _params_of(dense["num_attention_heads"], dense.get("num_key_value_heads") or dense["num_attention_heads"],
+                      dense["intermediate_size"], H, hd)
+    full = max([full] + [_params_of(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size, H, hd)
+                         for s in shapes])
+    return [1 - _params_of(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size, H, hd) / full
+            for s in shapes]
+
+
+def make_groups(severity: list[float], k: int) -> list[list[int]]:
+    """Split layers into ``k`` groups: by severity (most pruned first) or, if all layers are alike, by position."""
+    n = len(severity)
+    k = max(1, min(k, n))
+    if max(severity) - min(severity) < 1e-9:
+        order = list(range(n))
+    else:
+        order = sorted(range(n), key=lambda i: (-severity[i], i))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [sorted(order[bounds[i]:bounds[i + 1]]) for i in range(k)]
+
+
+def target_names(model, layers: list[int]) -> list[str]:
+    """Full module names of the LoRA targets in the given layers (zero-width projections are skipped)."""
+    out = []
+    for i in layers:
+        for name, mod in decoder_layers(model)[i].named_modules():
+            if name.rsplit(".", 1)[-1] in TARGETS and min(mod.in_features, mod.out_features) > 0:
+                out.append(f"model.layers.{i}.{name}")
+    return out
+
+
+def _check_rank(model, rank: int) -> None:
+    for name in target_names(model, list(range(len(decoder_layers(model))))):
+        m = model.get_submodule(name)
+        if rank > min(m.in_features, m.out_features):
+            raise EdgepruneError(f"--rank {rank} is larger than {name} ({m.in_features} in, {m.out_features} out); "
+                                 f"use --rank <= {min(m.in_features, m.out_features)}")
+
+
+# ------------------------------------------------------------------------------------------------ LoRA plumbing
+def _inject(model, names: list[str], cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names, bias="none",
+                      task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, lcfg)
+
+
+def _adapter_state(pm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def _load_adapter(pm, state: dict[str, torch.Tensor]) -> None:
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def _factors(pm) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module name: (A, B, scaling)} of the active adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
+            out[name] = (mod.lora_A["default"].weight.detach().clone(), mod.lora_B["default"].weight.detach().clone(),
+                         float(mod.scaling["default"]))
+    return out
+
+
+def _finish_group(model, pm, cfg: FinetuneConfig):
+    """Fold the active group's adapters into the model; returns (model, factors)."""
+    fac = _factors(pm)
+    if cfg.quantize == "none":
+        return pm.merge_and_unload(), fac
+    model = pm.unload()
+    for name, f in fac.items():
+        model.get_submodule(name).deltas.append(f)
+    return model, fac
+
+
+def _replay_group(model, fac: dict, cfg: FinetuneConfig):
+    """Re-apply a finished group's factors exactly as :func:`_finish_group` did (used when resuming)."""
+    pm = _inject(model, sorted(fac), cfg)
+    with torch.no_grad():
+        for name, (a, b, _) in fac.items():
+            mod = pm.base_model.model.get_submodule(name)
+            mod.lora_A["default"].weight.copy_(a)
+            mod.lora_B["default"].weight.copy_(b)
+    return _finish_group(model, pm, cfg)[0]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@torch.no_grad()
+def eval_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    was = model.training
+    model.eval()
+    tot = 0.0
+    for b in range(0, len(blocks), batch_size):
+        x = blocks[b:b + batch_size]
+        tot += model(input_ids=x, labels=x, use_cache=False).loss.item() * len(x)
+    model.train(was)
+    return tot / len(blocks)
+
+
+def _lr_factor(frac: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _fingerprint(model_dir, cfg: FinetuneConfig) -> dict:
+    return {"model_dir": str(Path(model_dir).resolve()), **asdict(cfg)}
+
+
+# ------------------------------------------------------------------------------------------------ main entry
+def finetune(model_dir: str | Path, data: str, out: str | Path, strategy: str = "groupwise", steps: int | None = None,
+             minutes: float | None = None, lr: float = 1e-3, rank: int = 8, alpha: float = 16.0,
+             dropout: float = 0.05, groups: int = 4, quantize: str = "none", seq_len: int = 128, batch_size: int = 8,
+             seed: int = 0, resume: bool = False, eval_every: int = 25, patience: int = 4, ckpt_every: int = 50,
+             overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
+             threads: int | None = None) -> FinetuneResult:
+    """Fine-tune ``model_dir`` on ``data`` and write the merged model to ``out`` (see the module docstring).
+
+    ``stop_after`` ends this run after that many optimizer steps without writing ``out`` (as if it were killed);
+    the checkpoint directory ``OUT.ckpt`` keeps the last periodic checkpoint for ``resume=True``. ``threads`` sets
+    torch's intra-op threads for the run (1 is much faster for small models on a busy machine).
+    """
+    if threads is None:
+        return _finetune(**{k: v for k, v in locals().items() if k != "threads"})
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _finetune(**{k: v for k, v in locals().items() if k not in ("threads", "old")})
+    finally:
+        torch.set_num_threads(old)
+
+
+def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, dropout, groups, quantize, seq_len,
+              batch_size, seed, resume, eval_every, patience, ckpt_every, overwrite, progress, stop_after):
+    t_start = time.time()
+    cfg = FinetuneConfig(data=str(data), strategy=strategy, steps=steps, minutes=minutes, lr=lr, rank=rank, alpha=alpha,
+                         dropout=dropout, groups=groups, quantize=quantize, seq_len=seq_len, batch_size=batch_size,
+                         seed=seed, eval_every=eval_every, patience=patience)
+    cfg.validate()
+    if ckpt_every < 1:
+        raise EdgepruneError(f"--ckpt-every {ckpt_every} must be >= 1")
+    out = check_output_dir(out, overwrite, inputs=(model_dir,))
+    ckpt_dir = out.with_name(out.name + ".ckpt")
+    ckpt_file = ckpt_dir / "state.pt"
+    if resume and not ckpt_file.is_file():
+        raise EdgepruneError(f"--resume: no checkpoint at {ckpt_file}; run without --resume to start")
+    if not resume and ckpt_dir.exists():
+        raise EdgepruneError(f"a checkpoint of an earlier run exists at {ckpt_dir}; pass --resume to continue it "
+                             "or delete it to start over")
+    tok = load_tokenizer(model_dir)
+    stream = TokenStream(tok, cfg.data, cfg.seq_len, cfg.seed)
+    model = load(model_dir)
+    _check_rank(model, cfg.rank)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+
+    n_layers = len(decoder_layers(model))
+    grp = ([list(range(n_layers))] if cfg.strategy == "lora"
+           else make_groups(layer_severity(model, model_dir), cfg.groups))
+    if cfg.quantize != "none":
+        from .quant import quantize_linears
+
+        quantize_linears(model, target_names(model, list(range(n_layers))), cfg.quantize, cfg.quant_group)
+
+    # ---------------------------------------------------------------- state (fresh or from the checkpoint)
+    fp = _fingerprint(model_dir, cfg)
+    st: dict = {"group": 0, "step_in_group": 0, "global_step": 0, "position": 0, "done": [], "adapter": None,
+                "optim": None, "best_adapter": None, "best_loss": None, "bad_evals": 0, "group_budget": None,
+                "group_t0": 0.0, "train_s": 0.0, "tokens": 0, "history": [], "eval_before": None,
+                "rng": None, "peak_trainable": 0}
+    resumed_from = None
+    if resume:
+        st = torch.load(ckpt_file, weights_only=False)
+        if st["fingerprint"] != fp:
+            diff = [k for k in fp if st["fingerprint"].get(k) != fp[k]]
+            raise EdgepruneError(f"the checkpoint in {ckpt_dir} was written with different settings ({', '.join(diff)}); "
+                                 "rerun with the same options or delete it")
+        resumed_from = st["global_step"]
+        for fac in st["done"]:
+            model = _replay_group(model, fac, cfg)
+        stream.skip_to(st["position"])
+    else:
+        torch.manual_seed(cfg.seed)
+        st["eval_before"] = st["best_loss"] = eval_loss(model, stream.eval_blocks)
+
+    def save_ckpt(pm=None, opt=None) -> None:
+        st.update(fingerprint=fp, position=stream.position, rng=torch.get_rng_state(),
+                  adapter=_adapter_state(pm) if pm is not None else None,
+                  optim=opt.state_dict() if opt is not None else None)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(ckpt_file) as tmp:
+            torch.save(st, tmp)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=st["global_step"], disable=not progress, unit="step",
+               desc=f"finetune {cfg.strategy}", dynamic_ncols=True)
+    run_steps, stopped, pm = 0, False, None
+    pending_rng = st["rng"] if resume else None
+    budget_total = cfg.steps if cfg.steps is not None else cfg.minutes * 60
+    while st["group"] < len(grp) and not stopped:
+        g = st["group"]
+        mid_group = st["adapter"] is not None
+        if not mid_group:
+            if pending_rng is not None:
+                torch.set_rng_state(pending_rng)
+            used = st["global_step"] if cfg.steps is not None else st["train_s"]
+            st["group_budget"] = (budget_total - used) / (len(grp) - g)
+            st["group_t0"] = st["train_s"]
+            save_ckpt()  # group boundary (before the adapters are created: their init consumes the RNG)
+        model.train()
+        pm = _inject(model, target_names(model, grp[g]), cfg)
+        params = [p for p in pm.parameters() if p.requires_grad]
+        st["peak_trainable"] = max(st["peak_trainable"], sum(p.numel() for p in params))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        if mid_group:
+            _load_adapter(pm, st["adapter"])
+            opt.load_state_dict(st["optim"])
+            torch.set_rng_state(pending_rng)
+        else:
+            st["best_adapter"], st["bad_evals"] = _adapter_state(pm), 0
+        pending_rng = None
+        while True:
+            done_frac = ((st["step_in_group"] / st["group_budget"]) if cfg.steps is not None
+                         else (st["train_s"] - st["group_t0"]) / st["group_budget"])
+            if done_frac >= 1 - 1e-9 or st["bad_evals"] >= cfg.patience:
+                break
+            if stop_after is not None and run_steps >= stop_after:
+                stopped = True
+                break
+            t0 = time.time()
+            for pg in opt.param_groups:
+                pg["lr"] = cfg.lr * _lr_factor(done_frac, st["step_in_group"], cfg.warmup)
+            x = stream.next_batch(cfg.batch_size)
+            loss = pm(input_ids=x, labels=x, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            st["step_in_group"] += 1
+            st["global_step"] += 1
+            st["tokens"] += x.numel()
+            run_steps += 1
+            rec = {"step": st["global_step"], "group": g, "loss": round(loss.item(), 5)}
+            if st["step_in_group"] % cfg.eval_every == 0:
+                ev = eval_loss(pm, stream.eval_blocks)
+                rec["eval_loss"] = round(ev, 5)
+                if ev < st["best_loss"] - 1e-4:
+                    st["best_loss"], st["best_adapter"], st["bad_evals"] = ev, _adapter_state(pm), 0
+                else:
+                    st["bad_evals"] += 1
+            st["history"].append(rec)
+            st["train_s"] += time.time() - t0  # wall time of the step and its evaluation
+            bar.update(1)
+            bar.set_postfix(group=f"{g + 1}/{len(grp)}", loss=f"{loss.item():.3f}",
+                            tok_s=f"{st['tokens'] / max(st['train_s'], 1e-9):.0f}",
+                            eval=f"{st['best_loss']:.3f}")
+            if st["global_step"] % ckpt_every == 0:
+                save_ckpt(pm, opt)
+        if stopped:
+            break
+        # end of group: evaluate the final adapter, keep the best one, merge it
+        if st["step_in_group"] % cfg.eval_every:
+            ev = eval_loss(pm, stream.eval_blocks)
+            st["history"].append({"step": st["global_step"], "group": g, "eval_loss": round(ev, 5)})
+            if ev < st["best_loss"] - 1e-4:
+                st["best_loss"], st["best_adapter"] = ev, _adapter_state(pm)
+        _load_adapter(pm, st["best_adapter"])
+        last_pm = pm
+        if g == len(grp) - 1:
+            break  # the last group is merged below, after recording pre-merge logits
+        model, fac = _finish_group(model, pm, cfg)
+        pm = None
+        st["done"].append(fac)
+        st.update(group=g + 1, step_in_group=0, adapter=None, optim=None, best_adapter=None, bad_evals=0)
+    bar.close()
+
+    def result(out_path, merge_diff):
+        return FinetuneResult(
+            out=out_path, complete=out_path is not None, strategy=cfg.strategy, quantize=cfg.quantize, groups=grp,
+            steps=st["global_step"], tokens=st["tokens"], train_s=round(st["train_s"], 2),
+            tokens_per_s=round(st["tokens"] / max(st["train_s"], 1e-9), 1), eval_loss_before=st["eval_before"],
+            eval_loss_after=st["best_loss"], merge_max_abs_diff=merge_diff, peak_rss_mb=round(_peak_rss_mb(), 1),
+            peak_trainable_params=st["peak_trainable"], resumed_from_step=resumed_from, checkpoint_dir=str(ckpt_dir),
+            history=st["history"])
+
+    if stopped:
+        return result(None, None)
+
+    # ---------------------------------------------------------------- merge, save, verify
+    probe = stream.eval_blocks[:2]
+    last_pm.eval()
+    with torch.no_grad():
+        before = last_pm(input_ids=probe, use_cache=False).logits
+    model, fac = _finish_group(model, last_pm, cfg)
+    st["done"].append(fac)
+    if cfg.quantize != "none":  # merge every delta into the original full-precision weights
+        model = load(model_dir)
+        with torch.no_grad():
+            for gf in st["done"]:
+                for name, (a, b, s) in gf.items():
+                    model.get_submodule(name).weight += (b @ a) * s
+    model.eval()
+    in_cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    prov = copy.deepcopy((in_cfg.get("pruning") or {}).get("provenance") or {})
+    prov.setdefault("source_model", str(Path(model_dir).resolve()))
+    prov["finetune"] = {
+        "edgeprune_version": __version__, "input_model": str(Path(model_dir).resolve()), **asdict(cfg),
+        "groups_layers": grp, "steps_done": st["global_step"], "tokens": st["tokens"],
+        "train_s": round(st["train_s"], 2), "eval_loss_before": round(st["eval_before"], 5),
+        "eval_loss_after": round(st["best_loss"], 5), "resumed_from_step": resumed_from,
+        "recipe": "LoRA on q,k,v,o,gate,up,down; AdamW wd 0, warmup then cosine to 0.1 lr, clip 1.0; merged",
+    }
+    extra = {}
+    if (Path(model_dir) / "prune_report.json").is_file():
+        extra["prune_report.json"] = (Path(model_dir) / "prune_report.json").read_text()
+    save(model, out, tokenizer_src=model_dir, provenance=prov, overwrite=True, extra_files=extra)
+    with torch.no_grad():
+        after = load(out)(input_ids=probe, use_cache=False).logits
+    diff = (before - after).abs().max().item()
+    import shutil
+
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    res = result(str(out), diff)
+    if progress:
+        print(f"finetune: held-out loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}; {res.steps} steps, "
+              f"{res.tokens:,} tokens in {res.train_s:.0f} s ({res.tokens_per_s:.0f} tok/s); peak RSS "
+              f"{res.peak_rss_mb:.0f} MB; merge check max|Δlogit| {diff:.2e}; saved to {out}  "
+              f"({time.time() - t_start:.0f} s total)")
+    return res
