@@ -22,8 +22,8 @@ Ours [R] (Eq. 7 and 9 not available):
   activations). Group score = sum over the group's members (LLM-Pruner's ``sum``).
 * Option ``grad=backprop`` replaces ĝ by the true gradient (the ablation "FMS with true gradients").
 
-Options: ``eps`` (1e-3), ``n_perturb`` = Q (64), ``spsa_samples`` (8), ``spsa_len`` (128), ``variant``,
-``perturb``, ``grad``. Everything runs under ``torch.no_grad``; no ``.grad`` is allocated.
+Options: ``eps`` (1e-3), ``n_perturb`` = Q (64), ``spsa_samples`` (8), ``spsa_len`` (128), ``spsa_batch``
+(rows per forward, 1: the smallest activation/logit footprint), ``variant``, ``perturb``, ``grad``. Everything runs under ``torch.no_grad``; no ``.grad`` is allocated.
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ def spsa_estimate(model, ids: torch.Tensor, eps: float = 1e-3, n_perturb: int = 
 def fms_salience(w: torch.Tensor, g: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
     """Per-channel FMS along ``dim`` (0 rows, 1 columns): Σ over the other dim of ``|W ⊙ g| · x_j`` where x is the
     per-input-channel activation factor (‖X_j‖₂ or |x̄_j|) broadcast over rows."""
-    s = (w.double() * g.double()).abs() * x.double()[None, :]
-    return s.sum(1 - dim)
+    s = (w * g).abs_().mul_(x.to(w.dtype)[None, :])   # in the weight dtype: one transient matrix
+    return s.sum(1 - dim, dtype=torch.float64)
 
 
 @register("mini-llm")
@@ -134,7 +134,7 @@ class MiniLLM(Method):
         stats = ctx.layer_stats
         members = member_linears(model)
         if gsrc == "spsa":
-            est = spsa_estimate(model, ids, eps, Q, ctx.seed, mode)
+            est = spsa_estimate(model, ids, eps, Q, ctx.seed, mode, int(ctx.opt("spsa_batch", 1)))
             gfun = lambda k, key, w: est.grad(k, w)
             extra = {"spsa_loss_diffs": [round(c * 2 * eps, 8) for c in est.coeffs[:8]]}
         elif gsrc == "backprop":
