@@ -85,10 +85,10 @@ def test_nonuniform_gqa_and_dense_models(tmp_path, data, kind):
     assert res.groups == [[0, 1], [2, 3]] and res.merge_max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("strategy", ["groupwise", "lora"])
-def test_resume_equals_uninterrupted(tmp_path, data, strategy):
+@pytest.mark.parametrize("strategy,quantize", [("groupwise", "none"), ("lora", "none"), ("groupwise", "int4")])
+def test_resume_equals_uninterrupted(tmp_path, data, strategy, quantize):
     src = _pruned(tmp_path)
-    kw = dict(strategy=strategy, steps=12, groups=3, ckpt_every=3, **FAST)
+    kw = dict(strategy=strategy, steps=12, groups=3, ckpt_every=3, quantize=quantize, **FAST)
     full = finetune(src, data, tmp_path / "full", **kw)
     part = finetune(src, data, tmp_path / "part", stop_after=7, **kw)  # "killed" after step 7; last ckpt at step 6
     assert not part.complete and not (tmp_path / "part").exists() and (tmp_path / "part.ckpt" / "state.pt").is_file()
@@ -178,5 +178,6 @@ def test_peak_memory_groupwise_below_lora(tmp_path):
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-2000:]
         rss[strategy] = json.loads(r.stdout.strip().splitlines()[-1])
+    print("peak RSS MB / peak trainable params:", rss)
     assert rss["groupwise"]["trainable"] * 3 < rss["lora"]["trainable"]
     assert rss["groupwise"]["rss"] < rss["lora"]["rss"], rss
