@@ -312,8 +312,17 @@ def kv_elem_bytes(quant: str, runtime: str) -> int:
 
 
 def kv_bytes(ms: ModelShape, n_tokens: int, quant: str = "f16", runtime: str = "llama.cpp") -> int:
-    """``2 * sum_l(n_kv_l) * head_dim * n_tokens * elem`` (K and V)."""
-    return 2 * sum(s.num_key_value_heads for s in ms.layers) * ms.head_dim * n_tokens * kv_elem_bytes(quant, runtime)
+    """``(sum_l n_kv_l + sum_l v_l) * head_dim * n_tokens * elem`` (K and V).
+
+    llama.cpp without flash attention pads every layer's V cache to the largest per-layer V width when the
+    widths differ ("padding V cache"; seen in its log for per-layer pruned models), so there ``v_l = max_l n_kv_l``
+    for layers that have attention; otherwise ``v_l = n_kv_l``.
+    """
+    kv = [s.num_key_value_heads for s in ms.layers]
+    v = kv
+    if runtime == "llama.cpp" and len(set(k for k in kv if k)) > 1:
+        v = [max(kv) if k else 0 for k in kv]
+    return (sum(kv) + sum(v)) * ms.head_dim * n_tokens * kv_elem_bytes(quant, runtime)
 
 
 def kv_alloc_tokens(ctx: int, runtime: str) -> int:
