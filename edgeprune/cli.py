@@ -51,7 +51,8 @@ def cmd_prune(a) -> int:
 
     cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
-                      skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt))
+                      skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
+                      stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray)
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
           f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
@@ -216,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--round-mlp", type=int, default=1, help="round kept MLP width to a multiple (256 suits K-quants)")
     s.add_argument("--min-kv", type=int, default=1, help="minimum KV groups kept per layer (0 allows attention-free)")
     s.add_argument("--opt", action="append", help="method option key=value (repeatable)")
+    s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="one decoder layer in memory at a time (default: automatic when the model does not fit)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (calibration and scoring)")
+    s.add_argument("--device-map", default=None, help="'auto': spread the model over several GPUs (accelerate)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run self-pruner fitness evaluations on this Ray cluster ('local' starts one)")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")

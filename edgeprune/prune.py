@@ -35,6 +35,10 @@ class PruneConfig:
     multiple: int = 1
     min_kv: int = 1
     options: dict = field(default_factory=dict)
+    stream: bool | None = None           # None: stream when the weights do not fit in RAM (edgeprune.stream)
+    device: str = "cpu"                  # cpu | cuda | auto (calibration/scoring; surgery runs on the CPU)
+    device_map: str | None = None        # e.g. "auto": spread the in-memory model over GPUs with accelerate
+    ray: str | None = None               # Ray address for the self-pruner's fitness evaluations
 
     def validate(self) -> None:
         if not (0.0 < self.ratio < 1.0):
@@ -44,6 +48,8 @@ class PruneConfig:
             raise EdgepruneError(f"--round-mlp {self.multiple} must be >= 1")
         if self.min_kv < 0:
             raise EdgepruneError(f"--min-kv {self.min_kv} must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
+            raise EdgepruneError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
 
 
 @dataclass
@@ -81,12 +87,22 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if not on_cpu:
+        ids = ids.to(model.get_input_embeddings().weight.device)
+    if cfg.ray and "ray" not in cfg.options:
+        cfg.options = {**cfg.options, "ray": cfg.ray}
     ctx = Context(model=model, calib_ids=ids, seed=cfg.seed, options=dict(cfg.options), progress=progress)
     t1 = time.time()
     with contextlib.nullcontext() if method.needs_gradients else torch.no_grad():
         scores = method.score(model, ctx)
-    scores.attn = [s.detach().double() for s in scores.attn]
-    scores.mlp = [s.detach().double() for s in scores.mlp]
+    scores.attn = [s.detach().double().cpu() for s in scores.attn]
+    scores.mlp = [s.detach().double().cpu() for s in scores.mlp]
+    if not on_cpu:   # surgery (index_select with CPU plans) and saving run on the CPU
+        _to_cpu(model)
+        ctx.calib_ids = ctx.calib_ids.cpu()
+        if scores.bias_means is not None:
+            scores.bias_means = [{k: v.cpu() for k, v in d.items()} for d in scores.bias_means]
     t2 = time.time()
     groups = model_groups(model)
     skip = scores.info.get("skip_default", [0, 0])
@@ -104,13 +120,50 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
     return plan, scores, info
 
 
+def _to_cpu(model) -> None:
+    try:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(model, recurse=True)
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        pass
+    model.to("cpu")
+
+
+def place(model, device: str = "cpu", device_map: str | None = None):
+    """Put the model on ``device`` (cpu | cuda | auto) or spread it with accelerate's ``device_map``."""
+    from .stream import resolve_device
+
+    if device_map:
+        if not torch.cuda.is_available():
+            return model   # nothing to spread over: stay on the CPU
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = [type(model.model.layers[0]).__name__]
+        dm = infer_auto_device_map(model, no_split_module_classes=no_split) if device_map == "auto" else \
+            json.loads(device_map)
+        return dispatch_model(model, device_map=dm)
+    dev = resolve_device(device)
+    return model if dev.type == "cpu" else model.to(dev)
+
+
 def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
               progress: bool = True) -> PruneResult:
     cfg.validate()
     get_method(cfg.method)  # fail fast on an unknown method, before loading anything
+    stream = cfg.stream
+    if stream is None:   # automatic: only when the weights would not fit and the allocation can stream
+        from .stream import should_stream
+
+        stream = (cfg.allocation or get_method(cfg.method).default_allocation) != "self-pruner" and \
+            should_stream(model_path)
+    if stream:
+        from .stream import run_prune_streamed
+
+        return run_prune_streamed(model_path, out, cfg, overwrite=overwrite, progress=progress)
     out = check_output_dir(out, overwrite, inputs=(model_path,))
     t0 = time.time()
-    model = load(model_path)
+    model = place(load(model_path), cfg.device, cfg.device_map)
     tok = load_tokenizer(model_path)
     before = layer_shapes(model)
     dense_groups = model_groups(model)
