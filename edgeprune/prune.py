@@ -151,6 +151,7 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
               progress: bool = True) -> PruneResult:
     cfg.validate()
     get_method(cfg.method)  # fail fast on an unknown method, before loading anything
+    check_output_dir(out, overwrite, inputs=(model_path,))  # and on an unusable --out, before reading the model
     stream = cfg.stream
     if stream is None:   # automatic: only when the weights would not fit and the allocation can stream
         from .stream import should_stream

@@ -309,7 +309,11 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
                 "rng": None, "peak_trainable": 0}
     resumed_from = None
     if resume:
-        st = torch.load(ckpt_file, weights_only=False)
+        try:   # weights_only: a checkpoint holds tensors and plain containers, never objects to construct
+            st = torch.load(ckpt_file, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise EdgepruneError(f"checkpoint {ckpt_file} cannot be loaded safely ({type(e).__name__}); delete "
+                                 f"{ckpt_dir} and run without --resume") from None
         if st["fingerprint"] != fp:
             diff = [k for k in fp if st["fingerprint"].get(k) != fp[k]]
             raise EdgepruneError(f"the checkpoint in {ckpt_dir} was written with different settings ({', '.join(diff)}); "

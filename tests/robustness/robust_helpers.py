@@ -12,6 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
+# one intra-op thread: the test models are tiny, and on a shared 2-core machine spinning OpenMP threads made
+# single steps 10-100x slower
+QUIET_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass
@@ -28,7 +31,7 @@ class ForkServer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.workdir / "server.log", "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **QUIET_THREADS}
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_forkserver.py"))],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env, cwd=str(ROOT))
@@ -66,7 +69,7 @@ def run_cli_subprocess(*args, timeout: int = 600, preexec_fn=None, env: dict | N
     """A fresh ``python -m edgeprune.cli`` (the full import path, exactly as a user runs it)."""
     r = subprocess.run([sys.executable, "-m", "edgeprune.cli", *map(str, args)], capture_output=True, text=True,
                        timeout=timeout, preexec_fn=preexec_fn, cwd=str(ROOT),
-                       env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                       env={**os.environ, "PYTHONPATH": str(ROOT), **QUIET_THREADS, **(env or {})})
     return Result(r.returncode, r.stdout, r.stderr)
 
 
@@ -139,11 +142,13 @@ class Evil:
         return (exec, (MARKER_CODE.format(marker=self.marker),))
 
 
-def write_malicious_bin(d: Path, marker: Path) -> None:
-    """A ``pytorch_model.bin`` (torch zip format) whose unpickling would execute code."""
+def write_malicious_bin(d: Path, marker: Path, name: str = "pytorch_model.bin") -> Path:
+    """A torch checkpoint (zip format) whose unpickling would execute code."""
     import torch
 
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "evil": Evil(str(marker))}, d / "pytorch_model.bin")
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "evil": Evil(str(marker))}, d / name)
+    return d / name
 
 
 # ------------------------------------------------------------------------------------------------ shared fixtures

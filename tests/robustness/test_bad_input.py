@@ -216,7 +216,7 @@ CASES = [
       ("existing file", "pass a directory path")),
     C("out-parent-is-a-file", lambda c: ["prune", c.tiny(), *PRUNE, "--out", c.file("f", "x") / "sub" / "out"],
       ("is a file, not a folder", "choose an output path")),
-    C("out-read-only", lambda c: ["prune", c.tiny(), *PRUNE, "--out", c.work / "ro" / "out"],
+    C("out-read-only", lambda c: ["prune", c.model(), *PRUNE, "--out", c.work / "ro" / "out"],
       ("cannot write", "read-only", "choose a writable location"), readonly=True),
     C("disk-full-prune", lambda c: ["prune", c.tiny(), *PRUNE, "--out", c.out], ("File too large", "free disk space"),
       fsize=64 * 1024),
@@ -277,6 +277,10 @@ CASES = [
     C("info-json-parent-is-file", lambda c: ["info", c.tiny(), "--json", c.file("f", "x") / "i.json"], ("--json", "is a file", "choose")),
     C("finetune-resume-without-checkpoint", lambda c: ["finetune", c.tiny(), "--data", "gutenberg", "--steps", "2", "--resume",
                                                         "--out", c.out], ("no checkpoint", "run without --resume")),
+    C("finetune-resume-pickle-checkpoint", lambda c: (write_malicious_bin(c.work / "out.ckpt", c.marker, "state.pt"),
+                                                       ["finetune", c.tiny(), "--data", c.text(), "--steps", "2",
+                                                        "--resume", "--out", c.out, "--quiet"])[-1],
+      ("state.pt", "cannot be loaded safely", "run without --resume"), marker=True),
     C("finetune-rank-too-large", lambda c: ["finetune", c.tiny(), "--data", c.text(), "--steps", "2", "--rank", "1000",
                                             "--out", c.out, "--quiet"], ("--rank 1000", "use --rank <=")),
     C("finetune-out-inside-model", lambda c: ["finetune", c.model(), "--data", "gutenberg", "--steps", "2",
@@ -301,9 +305,12 @@ def _readonly_area(ctx: Ctx) -> tuple[Path, int | None]:
     if os.geteuid() != 0:
         return ro, None
     p = ctx.work
-    while str(p) not in ("/tmp", "/"):   # let nobody traverse down to work/ro (pytest's folders are 0700)
+    while str(p) not in ("/tmp", "/"):   # let nobody traverse down to work/ (pytest's folders are 0700)
         os.chmod(p, p.stat().st_mode | 0o001)
         p = p.parent
+    for f in ctx.inp.rglob("*"):         # and read the input model copy
+        os.chmod(f, f.stat().st_mode | (0o005 if f.is_dir() else 0o004))
+    os.chmod(ctx.inp, ctx.inp.stat().st_mode | 0o005)
     return ro, NOBODY
 
 
