@@ -81,7 +81,17 @@ def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
     except ValueError as e:   # a misconfigured backend is bad input (exit 2), not an internal error
         raise EdgepruneError(f"self-pruner --opt: {e}; fix the --opt values") from None
     t = time.time()
-    res = search(space, fitness, backend, cfg)
+    search_fitness, ray_info = fitness, None
+    if ex.get("ray"):   # distributed fitness evaluations (edgeprune.distributed): same function, one task each
+        from ..distributed import PrefetchBackend, RayEvaluator
+
+        search_fitness = RayEvaluator(fitness, str(ex["ray"]), int(ex.get("ray_retries", 3)),
+                                      int(ex["ray_cpus"]) if ex.get("ray_cpus") else None)
+        backend = PrefetchBackend(backend, search_fitness)
+        ray_info = {"address": str(ex["ray"])}
+    res = search(space, search_fitness, backend, cfg)
+    if ray_info is not None:
+        ray_info["tasks"] = search_fitness.submitted
     uni = fitness([beta] * len(idx))  # cached by the search when seed_uniform; cheap otherwise
     ratios = to_ratios(res.best.p)
     plan = per_layer_plan(scores.attn, scores.mlp, groups, ratios, opts)
@@ -90,5 +100,5 @@ def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
         "evaluations": res.evaluations, "fitness": f"ppl of the physically pruned model on {fit_desc}",
         "population": cfg.population, "offspring": [cfg.n_crossover, cfg.n_mutation], "generations": cfg.generations,
         "bounds": [space.lo, space.hi], "beta": beta, "search_s": round(time.time() - t, 1),
-        "malformed": sum(1 for e in res.events if e.get("status") in ("malformed", "error"))}})
+        "malformed": sum(1 for e in res.events if e.get("status") in ("malformed", "error")), "ray": ray_info}})
     return plan
