@@ -348,8 +348,8 @@ def test_bad_input(case, root, ref_model_dir, tmp_path):
     check_case(case, ctx, lambda argv, **kw: srv.run(*argv, **kw))
 
 
-FRESH = ("model-missing", "truncated-safetensors", "ratio-above-1", "calib-not-utf8", "profile-yaml-syntax",
-         "plan-budget-unmeetable", "disk-full-prune", "pickle-bin-refused")
+FRESH = ("model-missing", "truncated-safetensors", "profile-yaml-python-tag", "plan-budget-unmeetable",
+         "disk-full-prune", "pickle-bin-refused")
 
 
 def test_contract_in_fresh_interpreter(root, ref_model_dir, tmp_path):
