@@ -196,6 +196,17 @@ def should_stream(model_path: str | Path, fraction: float = AUTO_FRACTION) -> bo
         ck.close()
 
 
+def trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed mid-size blocks, which would grow the RSS layer
+    after layer); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "cpu"):
         return torch.device("cpu")
@@ -242,7 +253,10 @@ class Skeleton:
     def drop_embeddings(self) -> None:
         """Free the input embeddings (after the layer-0 inputs exist), unless the head is tied to them."""
         if not (self.tied and self.head_loaded):
-            self.model.model.embed_tokens.to_empty(device="meta")
+            self.model.model.embed_tokens.to_empty(device="meta")   # a new (meta) Parameter replaces the old
+            if self.tied:                                           # the head still held the old one: re-tie
+                self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        trim()
 
     def layer(self, i: int) -> nn.Module:
         """Layer i materialised (dense, from the checkpoint) in the compute dtype on the device."""
@@ -589,6 +603,7 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
                 skel.model.model.layers[i] = layer.to("meta")
             del layer
             hs = outs
+            trim()
         t2 = time.time()
         scores = Scores(attn_all, mlp_all, standardized=method.name == "flap",
                         bias_means=means_all if any(x is not None for x in means_all) else None,
@@ -604,6 +619,7 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
                 writer.write(_layer_tensors(layer, i, store_dt))
                 skel.model.model.layers[i] = layer.to("meta")
                 del layer
+                trim()
         else:
             plan_meta = {"layer_ratios": ratios, "allocation": alloc}
         head = {"model.norm.weight": ck.get("model.norm.weight")}
@@ -685,6 +701,7 @@ def streamed_perplexity(model_path, ids: torch.Tensor, seq_len: int = 128, max_c
         layer = skel.layer(i)
         hs = [_layer_forward(layer, h, kwargs) for h in hs]
         del layer
+        trim()
     losses = []
     for b, h in zip(range(0, chunks.shape[0], batch_size), hs):
         x = chunks[b:b + batch_size].to(dev)

@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
+# Ray (distributed Self-Pruner search, `edgeprune prune --ray ADDRESS`) is optional and not installed here (CI
+# time); add it with:  python -m pip install -e '.[ray]'   (tests/test_ray.py skips without it)
 if ! python -c 'import llama_cpp' 2>/dev/null; then
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
   export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
