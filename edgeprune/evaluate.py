@@ -18,7 +18,7 @@ from .data import eval_ids
 
 
 @torch.no_grad()
-def perplexity_ids(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 8, max_chunks: int | None = None,
+def perplexity_ids(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32, max_chunks: int | None = None,
                    progress: bool = False) -> float:
     from tqdm import tqdm
 

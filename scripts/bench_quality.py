@@ -40,7 +40,8 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     """Run a command; return (wall seconds, child peak RSS MB, stdout)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                                                "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")})
     wall = time.time() - t
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-400:]}")
@@ -74,7 +75,16 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality"))
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
+    ap.add_argument("--merge", nargs="*", default=None, help="merge these result JSONs into --out and render")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        res = {**parts[0], "rows": {k: v for p in parts for k, v in p["rows"].items()},
+               "command": " ; ".join(p["command"] for p in parts) + " ; python scripts/bench_quality.py "
+               + " ".join(sys.argv[1:])}
+        Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+        Path(a.out + ".md").write_text(render(res))
+        return
     ref = str(reference_model_dir())
     ratios = [float(r) for r in a.ratios.split(",")]
     configs = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in a.configs.split(",") if c] or CONFIGS
