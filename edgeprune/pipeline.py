@@ -258,15 +258,19 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
 
     import exporters
 
+    from .report import _best
+
     if fmt != "gguf":
         return {"skipped": "host calibration is implemented for llama.cpp profiles"}
-    quants = [q for q in ("f16", "q8_0") if q in profile.allowed_quants] or list(profile.allowed_quants[:1])
+    # two sizes of the same model (f16 and q8_0, whatever the profile allows: this measures the host, not the
+    # plan) let the fit separate the fixed per-token cost from the bandwidth term
+    quants = ["f16", "q8_0"]
     runs, measured = [], []
     with atomic_dir(out / "calibrate") as tmp:
         for q in quants:
             art = tmp / f"dense-{q}.gguf"
             exporters.export(str(src), "gguf", str(art), quant=q)
-            m = measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length)
+            m = _best(measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length, gen=64, repeats=5))
             measured.append({"quant": q, **m})
             runs.append(planner.HostRun(str(src), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
                                         profile.context_length, m.get("kv_tokens"), m.get("prompt")))

@@ -39,6 +39,8 @@ class Speed:
     runtime: str
     n_ctx: int = 0
     kv_tokens: int = 0      # mean KV position during the timed decode steps
+    prefill_tps_best: float = 0.0   # best of the repeats: robust to other load on a shared machine
+    decode_tps_best: float = 0.0
 
 
 def _rss_mb() -> float:
@@ -86,7 +88,8 @@ def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, r
     tp, td = statistics.median(pre), statistics.median(dec)
     return Speed(round(load_s, 4), round(prompt / tp, 2), round(gen / td, 2), round(1000 * tp, 2), round(_rss_mb(), 1),
                  round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen, repeats, rt.kind,
-                 n_ctx=n_ctx or 0, kv_tokens=prompt + gen // 2)
+                 n_ctx=n_ctx or 0, kv_tokens=prompt + gen // 2, prefill_tps_best=round(prompt / min(pre), 2),
+                 decode_tps_best=round(gen / min(dec), 2))
 
 
 def measure_subprocess(artifact: str | Path, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
