@@ -276,6 +276,8 @@ def main() -> int:
     ap.add_argument("--only", choices=["1b", "7b"], default=None)
     ap.add_argument("--methods", default="wanda-sp,mini-llm,bip")
     ap.add_argument("--eval-all", action="store_true", help="7B: evaluate every method's output (default: the first)")
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "scale.json"),
+                    help="results file (steps already in it are kept and replaced by name); the .md is written beside")
     ap.add_argument("--keep", action="store_true", help="keep the random models afterwards")
     a = ap.parse_args()
     if a.child:
@@ -285,7 +287,8 @@ def main() -> int:
     if REPO in work.parents or work == REPO:
         raise SystemExit("--work must be outside the repository")
     work.mkdir(parents=True, exist_ok=True)
-    b = Bench(work, REPO / "benchmarks" / "scale.json", REPO / "benchmarks" / "scale.md")
+    js = Path(a.json).resolve()
+    b = Bench(work, js, js.with_suffix(".md"))
     methods = a.methods.split(",")
     if a.only in (None, "1b"):
         dense = work / "llama-3.2-1b-shape"
