@@ -35,10 +35,12 @@ def test_every_profile_loads(name):
 
 
 def test_host_is_measured_and_cached():
-    p = load_profile("host")
+    # calibration=False: other tests may have saved a host calibration (which may also raise the peak bandwidth)
+    p = load_profile("host", calibration=False)
     assert p.is_host and p.cores >= 1 and p.peak_bandwidth_gbps > 0.5
     assert p.sources["peak_bandwidth_gbps"].startswith("measured")
-    assert load_profile("host").peak_bandwidth_gbps == p.peak_bandwidth_gbps   # second load reads the cache
+    # second load reads the cache
+    assert load_profile("host", calibration=False).peak_bandwidth_gbps == p.peak_bandwidth_gbps
 
 
 def _good() -> dict:
