@@ -203,11 +203,23 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
                 _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
                 from .prune import PruneConfig, run_prune
 
-                pc = PruneConfig(method=cfg.method, ratio=plan["ratio"], allocation=cfg.allocation,
-                                 calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple)
-                r = run_prune(src, out / "pruned", pc, overwrite=True)
-                st.mark("prune", {"dir": "pruned", "achieved_ratio": r.achieved_ratio, "params_after": r.params_after,
-                                  "wall_s": r.timings["total_s"]})
+                ratio, tries = plan["ratio"], []
+                while True:
+                    # the planner assumed uniform shapes; a method's own allocation may keep other layers (e.g.
+                    # more KV heads): predict the real shapes and prune harder (+0.05) until they fit too
+                    pc = PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation,
+                                     calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple)
+                    r = run_prune(src, out / "pruned", pc, overwrite=True)
+                    p = planner.predict(str(out / "pruned"), plan["quant"], profile)
+                    fits, short = planner._check(p, profile, cfg.margin_pct / 100)
+                    tries.append({"ratio": ratio, "achieved_ratio": r.achieved_ratio, "fits": fits})
+                    if all(fits.values()) or ratio >= 0.9:
+                        break
+                    _log(f"pruned shapes miss {[k for k, v in fits.items() if not v]} by "
+                         f"{ {k: round(v, 2) for k, v in short.items() if v > 0} }; re-pruning at {ratio + 0.05:.2f}")
+                    ratio = round(ratio + 0.05, 4)
+                st.mark("prune", {"dir": "pruned", "ratio": ratio, "achieved_ratio": r.achieved_ratio,
+                                  "params_after": r.params_after, "wall_s": r.timings["total_s"], "tries": tries})
             model_dir = out / "pruned"
 
         # 4. recover
@@ -262,22 +274,31 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
 
     if fmt != "gguf":
         return {"skipped": "host calibration is implemented for llama.cpp profiles"}
-    # two sizes of the same model (f16 and q8_0, whatever the profile allows: this measures the host, not the
-    # plan) let the fit separate the fixed per-token cost from the bandwidth term
-    quants = ["f16", "q8_0"]
+    # Two sizes at the same quant (the dense model, and a copy with half its non-embedding parameters removed by
+    # magnitude, which costs seconds) let the fit separate the fixed per-token cost from the bytes term without
+    # mixing in the different kernels of another quant type.
+    q = "f16" if "f16" in profile.allowed_quants or not profile.allowed_quants else profile.allowed_quants[0]
     runs, measured = [], []
     with atomic_dir(out / "calibrate") as tmp:
-        for q in quants:
-            art = tmp / f"dense-{q}.gguf"
-            exporters.export(str(src), "gguf", str(art), quant=q)
+        from .models import load, load_tokenizer, save
+        from .prune import PruneConfig, prune_model
+
+        half = load(src)
+        prune_model(half, load_tokenizer(src), PruneConfig("magnitude", 0.5, calib_samples=1), progress=False)
+        save(half, tmp / "half", tokenizer_src=src, provenance={"purpose": "host calibration"})
+        for name, d in (("dense", src), ("half", tmp / "half")):
+            art = tmp / f"{name}-{q}.gguf"
+            exporters.export(str(d), "gguf", str(art), quant=q)
             m = _best(measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length, gen=64, repeats=5))
-            measured.append({"quant": q, **m})
-            runs.append(planner.HostRun(str(src), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
+            measured.append({"model": name, "quant": q, **m})
+            runs.append(planner.HostRun(str(d), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
                                         profile.context_length, m.get("kv_tokens"), m.get("prompt")))
+        cal = planner.calibrate_host(runs, profile)
         for f in tmp.glob("*.gguf"):
-            f.unlink()  # keep the measurements, not the dense artifacts
-    cal = planner.calibrate_host(runs, profile)
+            f.unlink()  # keep the measurements, not the artifacts
+        shutil.rmtree(tmp / "half")
     return {"measured_dense": measured, "calibration": cal.to_dict()}
+
 
 
 def _quality(src: Path, out: Path, cfg: RunConfig, st: RunState) -> dict:

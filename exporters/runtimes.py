@@ -47,7 +47,7 @@ class LlamaCppRuntime:
     kind = "gguf"
 
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, kv: str = "f16",
-                 logits_all: bool = True, verbose: bool = False):
+                 logits_all: bool = True, verbose: bool = False, deployed: bool = False):
         from edgeprune.errors import EdgepruneError
 
         try:
@@ -57,7 +57,12 @@ class LlamaCppRuntime:
         _no_extra_bufts()
         kw = dict(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32) if kv == "f32" else {}
         try:
-            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+            if deployed:   # as an application runs it: llama.cpp's default micro-batch and flash attention (which
+                # also stops llama.cpp padding every layer's V cache to the widest layer of a per-layer model)
+                kw.update(n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), flash_attn=True)
+            else:
+                kw.update(n_batch=n_ctx, n_ubatch=n_ctx)
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads,
                                        n_threads_batch=threads, logits_all=logits_all, verbose=verbose, **kw)
         except ValueError as e:
             raise EdgepruneError(f"llama.cpp cannot load {path} ({e}); the file is not a valid GGUF for this llama.cpp: "

@@ -66,7 +66,7 @@ def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, r
     p = Path(artifact)
     if p.suffix == ".gguf":
         n_ctx = max(n_ctx or 0, prompt + gen + 8)
-        rt = LlamaCppRuntime(p, n_ctx=n_ctx, threads=threads, logits_all=False)
+        rt = LlamaCppRuntime(p, n_ctx=n_ctx, threads=threads, logits_all=False, deployed=True)
     else:
         rt = OrtRuntime(p, threads=threads)
     load_s = time.perf_counter() - t
