@@ -203,8 +203,9 @@ def test_calibration_saved_and_used():
 
 
 def test_demo_profile_forces_moderate_pruning():
-    """With the measured host calibration (dense f16: 1375 tok/s, 90.8 MB at n_ctx 2048), the demo plan prunes."""
+    """With the measured host calibration (dense f16 as deployed: 1498 tok/s, 78.7 MB at n_ctx 2048), the demo
+    plan prunes moderately."""
     prof = load_profile("host", calibration=False)
-    P.calibrate_host(P.HostRun(REF, "f16", 1375.2, 90.84, 16.89, 3394.9, 2048, 48, 128), prof, save=True)
+    P.calibrate_host(P.HostRun(REF, "f16", 1498.5, 78.7, 16.892, 5000.0, 2048, 160, 128), prof, save=True)
     r = P.plan(REF, load_profile("demo-tiny-budget"))
-    assert r.chosen.quant == "f16" and 0.2 <= r.chosen.ratio <= 0.4, P.format_table(r)
+    assert r.chosen.quant == "f16" and 0.2 <= r.chosen.ratio <= 0.5, P.format_table(r)

@@ -67,6 +67,13 @@ def _digests(d: Path, names) -> dict:
 def test_run_killed_resumes_bit_identical_and_lock_refuses_second_run(ref_model_dir, root, tmp_path):
     from edgeprune.models import dir_digest
 
+    from device_profiles import load_profile
+    from edgeprune import planner as P
+
+    # a fixed host calibration (as measured for the dense model: f16, 1498 tok/s, 78.7 MB at n_ctx 2048) so that
+    # the plan does not depend on what other tests saved into the shared test cache
+    P.calibrate_host(P.HostRun(str(ref_model_dir), "f16", 1498.5, 78.7, 16.892, 5000.0, 2048, 160, 128),
+                     load_profile("host", calibration=False), save=True)
     before = dir_digest(ref_model_dir)
     args = ["--profile", "demo-tiny-budget", "--no-host-calibration", "--ppl-chunks", "20", "--calib-samples", "16"]
     ref_out = tmp_path / "uninterrupted"
@@ -79,11 +86,12 @@ def test_run_killed_resumes_bit_identical_and_lock_refuses_second_run(ref_model_
 
     killed = tmp_path / "killed"
     rng = random.Random(SEED)
+    srv = server(root)   # started first: its imports take seconds, and the run must still hold the lock
     p = _start("run", ref_model_dir, "--out", killed, *args)
     # while it holds the lock, a second run on the same folder is refused, naming the holder's pid
     assert _wait_for(lambda: (killed / ".lock").exists() and (killed / ".lock").read_text().strip(), 300, p), \
         p.communicate()[1][-2000:]
-    r = server(root).run("run", ref_model_dir, "--out", killed, *args)
+    r = srv.run("run", ref_model_dir, "--out", killed, *args)
     error_line(r, 2, "in use by another edgeprune run", f"pid {p.pid}", "choose another --out")
     # SIGKILL at a seeded random moment between the start of pruning and the end of the run
     delay = rng.uniform(0.0, 25.0)
