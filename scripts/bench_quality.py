@@ -49,11 +49,13 @@ def run(cmd: list[str]) -> tuple[float, float, str]:
     return wall, max(rss, before) / 1024, p.stdout
 
 
-def evaluate(model_dir: str, zs_limit: int | None) -> dict:
+def evaluate(model_dir: str, zs_limit: int | None, max_chunks: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as td:
         js = f"{td}/r.json"
         cmd = [sys.executable, "-m", "edgeprune.cli", "eval", model_dir, "--ppl", ",".join(PPL_SETS), "--json", js,
                "--quiet"]
+        if max_chunks:
+            cmd += ["--max-chunks", str(max_chunks)]
         if zs_limit != 0:
             cmd += ["--tasks", TASKS] + (["--limit", str(zs_limit)] if zs_limit else [])
         wall, _, _ = run(cmd)
@@ -73,6 +75,7 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="comma list of method[:allocation]; default: all")
     ap.add_argument("--zs-limit", type=int, default=200, help="examples per zero-shot task (0: skip zero-shot)")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--max-chunks", type=int, default=None, help="first N 128-token chunks of each ppl text")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality"))
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result JSONs into --out and render")
@@ -94,7 +97,8 @@ def main() -> None:
     res["machine"] = machine()
     res["protocol"] = {"ppl": "LLM-Pruner protocol: texts joined by '\\n\\n', non-overlapping 128-token chunks; "
                               "wikitext2 = WikiText-2 raw test, ptb = PTB test, heldout = the reference model's "
-                              "in-domain held-back text (README of ref-llama-8m)",
+                              "in-domain held-back text (README of ref-llama-8m)"
+                              + (f"; first {a.max_chunks} chunks of each text" if a.max_chunks else "; whole texts"),
                        "zeroshot": f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
                                    "per-task metric (see edgeprune/zeroshot.py)",
                        "calibration": f"gutenberg (held-back text excluded), {a.calib_samples} x 128 tokens, seed 0",
@@ -108,7 +112,7 @@ def main() -> None:
 
     if "dense" not in res["rows"]:
         print("evaluating dense", flush=True)
-        res["rows"]["dense"] = {"method": "dense", "allocation": "-", "ratio": 0.0, **evaluate(ref, a.zs_limit)}
+        res["rows"]["dense"] = {"method": "dense", "allocation": "-", "ratio": 0.0, **evaluate(ref, a.zs_limit, a.max_chunks)}
         save()
     with tempfile.TemporaryDirectory() as td:
         for ratio in ratios:
@@ -133,15 +137,23 @@ def main() -> None:
                        "params_after": rep["params_after"], "prune_wall_s": round(wall, 1),
                        "score_s": rep["timings"].get("score_s"), "prune_peak_rss_mb": round(rss, 1),
                        "kept_per_layer": [(r["num_key_value_heads"], r["intermediate_size"]) for r in rep["per_layer"]],
-                       **evaluate(out, a.zs_limit)}
+                       **evaluate(out, a.zs_limit, a.max_chunks)}
                 res["rows"][key] = row
                 save()
     save()
     print(render(res))
 
 
+def dense_params() -> int:
+    from edgeprune.models import count_params, load
+
+    return count_params(load(reference_model_dir()))[0]
+
+
 def render(res: dict) -> str:
     rows = res["rows"]
+    if "dense" in rows and "params_after" not in rows["dense"]:
+        rows["dense"]["params_after"] = dense_params()
     dense = rows.get("dense", {})
     d = {s: dense.get(f"ppl.{s}.seq128") for s in PPL_SETS}
     zs_d = dense.get("zeroshot.average")
@@ -162,7 +174,7 @@ def render(res: dict) -> str:
     for r in order:
         zs = r.get("zeroshot.average")
         lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.0%} | {r.get('achieved_ratio', 0):.1%} | "
-                     f"{r.get('params_after', dense.get('params', 0)) or '8,392,960'} | {cell(r, 'wikitext2')} | "
+                     f"{r.get('params_after', 0):,} | {cell(r, 'wikitext2')} | "
                      f"{cell(r, 'ptb')} | {cell(r, 'heldout')} | "
                      f"{'–' if zs is None else f'{zs:.3f}'}{'' if zs is None or zs_d is None or r is dense else f' ({zs - zs_d:+.3f})'} | "
                      f"{r.get('prune_wall_s', '–')} | {r.get('score_s', '–')} | {r.get('prune_peak_rss_mb', '–')} |")
