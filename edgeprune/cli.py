@@ -195,6 +195,25 @@ def cmd_verify(a) -> int:
     return 0
 
 
+def cmd_validate(a) -> int:
+    from exporters.remote import ADBTransport, LocalTransport, SSHTransport, validate
+
+    t = a.transport
+    if t == "local":
+        tr = LocalTransport()
+    elif t.startswith("ssh:"):
+        host, _, port = t[4:].partition(":")
+        tr = SSHTransport(host, port=int(port or 22))
+    elif t == "adb" or t.startswith("adb:"):
+        tr = ADBTransport(t[4:] or None)
+    else:
+        raise EdgepruneError(f"--transport {t} unknown; use local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
+    res = validate(a.artifact, tr, threads=a.threads).to_dict()
+    print(json.dumps(res, indent=2))
+    _write_json(a.json, res)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     from .allocation import ALLOCATORS
@@ -262,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ppl-chunks", type=int, default=None, help="limit runtime perplexity to N chunks")
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("validate", help="push an artifact to a device and run the runtime's benchmark there")
+    s.add_argument("artifact")
+    s.add_argument("--transport", default="local", help="local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
+    s.add_argument("--threads", type=int, default=4)
+    s.add_argument("--json", default=None)
+    s.set_defaults(fn=cmd_validate)
 
     _add_optional(sub)
     return p
