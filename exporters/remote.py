@@ -70,6 +70,7 @@ class LocalTransport(Transport):
 
     def __init__(self, workdir: str | Path | None = None):
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgeprune-device-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.device = "localhost"
 
     def push(self, local: Path) -> str:
