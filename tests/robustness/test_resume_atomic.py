@@ -214,6 +214,7 @@ ALLOWED = {
     ("edgeprune/self_pruner/search.py", "search"),      # append-only JSONL log; a torn last line is skipped on resume
     ("edgeprune/stream.py", "write"),                   # ShardWriter: shards into run_prune_streamed's atomic_dir
     ("edgeprune/stream.py", "finish"),                  # same (the shard index)
+    ("exporters/remote.py", "push"),                    # LocalTransport: a copy into the scratch "device" folder
 }
 
 
