@@ -34,7 +34,8 @@ def _plots(out: Path, per_layer: list[dict], dense_layers: list[dict], pred: dic
         ff = [p["intermediate_size"] / d["intermediate_size"] for p, d in zip(per_layer, dense_layers)]
         ax.bar([i - 0.2 for i in x], kv, width=0.4, label="attention (KV groups)")
         ax.bar([i + 0.2 for i in x], ff, width=0.4, label="MLP channels")
-        ax.set_xlabel("layer"), ax.set_ylabel("kept fraction"), ax.set_ylim(0, 1.05), ax.legend(loc="lower right")
+        ax.set_xlabel("layer"), ax.set_ylabel("kept fraction"), ax.set_ylim(0, 1.3)
+        ax.legend(loc="upper right", ncol=2)  # above the bars, never over them
         ax.set_title("Kept fraction per layer")
         fig.tight_layout(), _savefig(fig, out / "kept_per_layer.png"), plt.close(fig)
         files.append("kept_per_layer.png")
