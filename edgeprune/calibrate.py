@@ -112,6 +112,28 @@ Collector = Callable[[int, torch.nn.Module], list]  # (layer index, layer) -> ho
 
 
 @torch.no_grad()
+def calibrate_layer(layer, hs: list[torch.Tensor], kwargs: dict, extra: Collector | None = None, i: int = 0):
+    """Run one decoder layer over the calibration hidden states with the statistics hooks attached;
+    returns (LayerStats, outputs). Used by :func:`collect` and by layer streaming."""
+    st = LayerStats()
+    a, m = layer.self_attn, layer.mlp
+    handles = [
+        a.o_proj.register_forward_pre_hook(lambda _m, args: st.o_in.update(args[0])),
+        m.down_proj.register_forward_pre_hook(lambda _m, args: st.down_in.update(args[0])),
+        a.q_proj.register_forward_pre_hook(lambda _m, args: st.attn_in.update(args[0])),
+        m.gate_proj.register_forward_pre_hook(lambda _m, args: st.mlp_in.update(args[0])),
+    ]
+    if extra is not None:
+        handles += extra(i, layer)
+    try:
+        outs = [_layer_forward(layer, h, kwargs) for h in hs]
+    finally:
+        for hd in handles:
+            hd.remove()
+    return st, outs
+
+
+@torch.no_grad()
 def collect(model, ids: torch.Tensor, batch_size: int = 16, extra: Collector | None = None,
             on_layer: Callable[[int, torch.nn.Module, list[torch.Tensor], list[torch.Tensor]], None] | None = None,
             progress: bool = True) -> list[LayerStats]:
@@ -126,21 +148,7 @@ def collect(model, ids: torch.Tensor, batch_size: int = 16, extra: Collector | N
     stats: list[LayerStats] = []
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc="calibrate", unit="layer", disable=not progress, leave=False)):
-        st = LayerStats()
-        a, m = layer.self_attn, layer.mlp
-        handles = [
-            a.o_proj.register_forward_pre_hook(lambda _m, args: st.o_in.update(args[0])),
-            m.down_proj.register_forward_pre_hook(lambda _m, args: st.down_in.update(args[0])),
-            a.q_proj.register_forward_pre_hook(lambda _m, args: st.attn_in.update(args[0])),
-            m.gate_proj.register_forward_pre_hook(lambda _m, args: st.mlp_in.update(args[0])),
-        ]
-        if extra is not None:
-            handles += extra(i, layer)
-        try:
-            outs = [_layer_forward(layer, h, kwargs) for h in hs]
-        finally:
-            for hd in handles:
-                hd.remove()
+        st, outs = calibrate_layer(layer, hs, kwargs, extra, i)
         if on_layer is not None:
             on_layer(i, layer, hs, outs)
         stats.append(st)

@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import calibrate_layer  # noqa: F401  (one-layer calibration, shared with collect)
 from .errors import EdgepruneError
 
 AUTO_FRACTION = 0.4   # stream when weights > this × MemAvailable (the in-memory path peaks near 2× the weights)
@@ -343,27 +344,6 @@ def _to(x, device):
     return x
 
 
-@torch.no_grad()
-def calibrate_layer(layer, hs: list[torch.Tensor], kwargs: dict, extra=None, i: int = 0):
-    """:func:`edgeprune.calibrate.collect` for one layer: (LayerStats, outputs), same hooks in the same order."""
-    from .calibrate import LayerStats, _layer_forward
-
-    st = LayerStats()
-    a, m = layer.self_attn, layer.mlp
-    handles = [
-        a.o_proj.register_forward_pre_hook(lambda _m, args: st.o_in.update(args[0])),
-        m.down_proj.register_forward_pre_hook(lambda _m, args: st.down_in.update(args[0])),
-        a.q_proj.register_forward_pre_hook(lambda _m, args: st.attn_in.update(args[0])),
-        m.gate_proj.register_forward_pre_hook(lambda _m, args: st.mlp_in.update(args[0])),
-    ]
-    if extra is not None:
-        handles += extra(i, layer)
-    try:
-        outs = [_layer_forward(layer, h, kwargs) for h in hs]
-    finally:
-        for hd in handles:
-            hd.remove()
-    return st, outs
 
 
 # ------------------------------------------------------------------------------------------- scorers
