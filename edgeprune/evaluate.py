@@ -17,17 +17,23 @@ import torch
 from .data import eval_ids
 
 
-@torch.no_grad()
-def perplexity_ids(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32, max_chunks: int | None = None,
-                   progress: bool = False) -> float:
-    from tqdm import tqdm
-
+def chunk_ids(ids: torch.Tensor, seq_len: int, max_chunks: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``seq_len`` chunks of a 1-D token stream ([n, seq_len]; the partial tail is dropped)."""
     n = ids.numel() // seq_len
     if max_chunks:
         n = min(n, max_chunks)
     if n == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one {seq_len}-token chunk")
-    chunks = ids[: n * seq_len].view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity_ids(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32, max_chunks: int | None = None,
+                   progress: bool = False) -> float:
+    from tqdm import tqdm
+
+    chunks = chunk_ids(ids, seq_len, max_chunks)
+    n = chunks.shape[0]
     losses = []
     for b in tqdm(range(0, n, batch_size), desc="ppl", disable=not progress, leave=False):
         x = chunks[b:b + batch_size]

@@ -666,12 +666,9 @@ def streamed_perplexity(model_path, ids: torch.Tensor, seq_len: int = 128, max_c
     dt = ck.dtype() if dtype in (None, "auto") else (DTYPES[dtype] if isinstance(dtype, str) else dtype)
     dev = resolve_device(device)
     if ids.dim() == 1:
-        n = ids.numel() // seq_len
-        if max_chunks:
-            n = min(n, max_chunks)
-        if n == 0:
-            raise ValueError(f"text has {ids.numel()} tokens, fewer than one {seq_len}-token chunk")
-        chunks = ids[: n * seq_len].view(n, seq_len)
+        from .evaluate import chunk_ids
+
+        chunks = chunk_ids(ids, seq_len, max_chunks)
     else:
         chunks = ids[:max_chunks] if max_chunks else ids
     skel = Skeleton(ck, dt, dev, head=True)

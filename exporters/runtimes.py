@@ -43,7 +43,18 @@ def log_softmax_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return lse - x[np.arange(len(x)), ids[1:]]
 
 
-class LlamaCppRuntime:
+class Runtime:
+    """What both runtimes share: greedy decoding on top of their ``prefill``/``step``."""
+
+    def greedy(self, ids, n: int) -> list[int]:
+        out, last = [], self.prefill(ids)
+        for _ in range(n):
+            out.append(int(last.argmax()))
+            last = self.step(out[-1])
+        return out
+
+
+class LlamaCppRuntime(Runtime):
     kind = "gguf"
 
     def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, kv: str = "f16",
@@ -84,13 +95,6 @@ class LlamaCppRuntime:
         self.llm.eval([int(tok)])
         return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
-    def greedy(self, ids, n: int) -> list[int]:
-        out, last = [], self.prefill(ids)
-        for _ in range(n):
-            out.append(int(last.argmax()))
-            last = self.step(out[-1])
-        return out
-
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
@@ -98,7 +102,7 @@ class LlamaCppRuntime:
         self.llm.close() if hasattr(self.llm, "close") else None
 
 
-class OrtRuntime:
+class OrtRuntime(Runtime):
     kind = "onnx"
 
     def __init__(self, path: str | Path, threads: int = 2):
@@ -154,13 +158,6 @@ class OrtRuntime:
         lg, self.past = self.run(np.asarray([[int(tok)]]), self.past, self.n)
         self.n += 1
         return lg[0, -1]
-
-    def greedy(self, ids, n: int) -> list[int]:
-        out, last = [], self.prefill(ids)
-        for _ in range(n):
-            out.append(int(last.argmax()))
-            last = self.step(out[-1])
-        return out
 
     def close(self) -> None:
         self.sess = None

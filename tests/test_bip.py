@@ -9,13 +9,7 @@ from edgeprune.importance import Context, get_method
 from edgeprune.importance.bip import attn_group_change, ffn_jacobian_ops, mlp_channel_change, token_lipschitz
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~50x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(kind):

@@ -10,13 +10,7 @@ from edgeprune.importance.saap import closed_sigma2, fuse, learned_sigma2
 from edgeprune.models import count_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~50x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw(seed=0, layers=4):

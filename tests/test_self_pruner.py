@@ -13,13 +13,7 @@ from edgeprune.models import count_params
 from edgeprune.self_pruner import GABackend, ScriptedBackend, SearchConfig, Space, parse_reply, repair, search
 from edgeprune.self_pruner.search import crossover, mutate
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: OpenMP spin-waiting with 2 threads is ~50x slower than 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPACE = Space(6, 0.3, 0.05, 0.7, tuple(np.array([1, 1, 2, 2, 1, 1]) / 8))
