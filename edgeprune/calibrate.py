@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .importance.base import block_len
 from .models import decoder_layers
 
 
@@ -31,11 +32,20 @@ class ChannelStats:
     sq: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        nb = x.shape[0]
-        mb = x.mean(0)
-        m2b = ((x - mb) ** 2).sum(0)
-        sqb = (x * x).sum(0)
+        """Merge a batch ``x [..., C]`` (nb tokens): the batch's ``x̄_b = mean_t x_t``, ``M2_b = Σ_t (x_t − x̄_b)²``
+        and ``Σ_t x_t²`` are computed in float64 one block of channels at a time (no float64 copy of the whole
+        batch; every channel sees the same reduction as on the whole batch), then merged (Chan et al.)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        nb, c = x.shape
+        mb, m2b, sqb = (torch.empty(c, dtype=torch.float64, device=x.device) for _ in range(3))
+        step = block_len(nb)
+        for a in range(0, c, step):
+            xb = x[:, a:a + step].to(torch.float64, copy=True)
+            m = xb.mean(0)
+            mb[a:a + step] = m
+            sqb[a:a + step] = (xb * xb).sum(0)
+            m2b[a:a + step] = ((xb - m) ** 2).sum(0)
+            del xb
         if self.n == 0:
             self.n, self.mean, self.m2, self.sq = nb, mb, m2b, sqb
             return

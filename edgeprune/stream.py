@@ -360,7 +360,7 @@ class _BIPStream:
         self.seed, self.ks, self.acc = ctx.seed, [], {}
 
     def extra(self, lg):
-        from .importance.bip import attn_group_change
+        from .importance.bip import abs_col_sum, attn_group_change
 
         def hooks(i, layer):
             self.acc = st = {"attn": torch.zeros(lg.n_kv, dtype=torch.float64),
@@ -371,7 +371,7 @@ class _BIPStream:
                 st["n"] += args[0].shape[0] * args[0].shape[1]
 
             def d_hook(mod, args):
-                st["abs"] += args[0].reshape(-1, args[0].shape[-1]).double().abs().sum(0).cpu()
+                st["abs"] += abs_col_sum(args[0]).cpu()
 
             def h_hook(mod, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
@@ -387,7 +387,7 @@ class _BIPStream:
 
     @torch.no_grad()
     def score(self, i, layer, lg, st):
-        from .importance.bip import token_lipschitz
+        from .importance.bip import down_col_norm, token_lipschitz
 
         a = self.acc
         if self.lip == "none":
@@ -396,7 +396,7 @@ class _BIPStream:
             h = torch.cat(a["h"])[: self.n_tok]
             sig = token_lipschitz(layer, h, self.iters, residual=self.lip == "residual", seed=self.seed + i)
             k = float(sig.max()) + (1.0 if self.lip == "one_plus" else 0.0)
-        wn = layer.mlp.down_proj.weight.double().norm(dim=0).cpu()
+        wn = down_col_norm(layer.mlp.down_proj.weight).cpu()
         act = (st.down_in.sq / st.down_in.n).sqrt().cpu() if self.mlp_agg == "rms" else a["abs"] / st.down_in.n
         self.ks.append(k)
         self.acc = {}

@@ -87,3 +87,16 @@ def test_single_forward_no_grad():
         get_method("bip").score(m, Context(model=m, calib_ids=ids, batch_size=4, progress=False))
     hk.remove()
     assert len(calls) == 1 and all(p.grad is None for p in m.parameters())
+
+
+def test_blockwise_upcast_matmul_matches_whole_upcast():
+    """bip's Jacobian products on bf16 weights convert W one block of output columns at a time (several here)."""
+    from edgeprune.importance.base import block_len
+    from edgeprune.importance.bip import mm
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(2 * block_len(300) + 7, 300, generator=g) * 0.02).bfloat16()
+    x, y = torch.randn(5, 300, generator=g), torch.randn(3, w.shape[0], generator=g)
+    torch.testing.assert_close(mm(x, w, torch.float32, t=True), x @ w.float().T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mm(y, w, torch.float32), y @ w.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(mm(x, w.float(), torch.float32, t=True), x @ w.float().T)

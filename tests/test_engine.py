@@ -161,3 +161,29 @@ def test_unknown_method_and_allocation():
     m = T.tiny_model("gqa")
     with pytest.raises(EdgepruneError, match="unknown allocation"):
         allocate("nope", None, model_groups(m), AllocOptions(0.2, 1))
+
+
+def test_blockwise_channel_reductions_match_whole_matrix():
+    """per_channel / ChannelStats work on float64 blocks of a matrix (several blocks here) and must give what the
+    whole-matrix float64 reduction gives, without writing the weights (even float64 ones)."""
+    from edgeprune.importance.base import BLOCK_ELEMS, block_len, per_channel
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 3 * BLOCK_ELEMS // 64 + 40, generator=g) * 0.02).bfloat16()
+    assert w.shape[1] > 2 * block_len(w.shape[0])
+    w64 = w.double()
+    assert torch.equal(per_channel(w, lambda b: b.abs_().mean(0), 1), w64.abs().mean(0))
+    assert torch.equal(per_channel(w, lambda b: b.norm(dim=0), 1), w64.norm(dim=0))
+    wt = w.T.contiguous()
+    assert torch.equal(per_channel(wt, lambda b: (b ** 2).sum(1), 0), (wt.double() ** 2).sum(1))
+    before = w64.clone()
+    assert torch.equal(per_channel(w64, lambda b: b.abs_().sum(0), 1), before.abs().sum(0))
+    assert torch.equal(w64, before)
+    st = ChannelStats()
+    x = w.reshape(2, 32, -1)
+    st.update(x)
+    st.update(x[:, :5] * 2)
+    allx = torch.cat([x.reshape(-1, x.shape[-1]), (x[:, :5] * 2).reshape(-1, x.shape[-1])]).double()
+    assert torch.allclose(st.mean, allx.mean(0)) and torch.allclose(st.var, allx.var(0))
+    assert torch.allclose(st.norm, allx.norm(dim=0))
+

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Method, Scores, per_kv_group, register
+from .base import Context, Method, Scores, per_channel, per_kv_group, register
 from .taylor import KINDS, backward_grads, group_taylor
 from ..models import decoder_layers
 
@@ -11,7 +11,8 @@ from ..models import decoder_layers
 @register("magnitude")
 class Magnitude(Method):
     """Group norm: ``‖W_G‖_p`` over all weights of the group (q/k/v rows + o columns; gate/up rows + down column).
-    ``p`` (option ``norm``) is 1 or 2 (default 2). Needs no calibration data."""
+    ``p`` (option ``norm``) is 1 or 2 (default 2). Needs no calibration data. Per-row / per-column sums
+    ``Σ |W|^p`` in float64, one block of rows / columns at a time (:func:`~.base.per_channel`)."""
 
     default_allocation = "uniform"
 
@@ -20,7 +21,9 @@ class Magnitude(Method):
         attn, mlp = [], []
         for layer, lg in zip(decoder_layers(model), ctx.groups):
             a, m = layer.self_attn, layer.mlp
-            f = (lambda w, d: w.double().abs().sum(d)) if p == 1 else (lambda w, d: (w.double() ** 2).sum(d))
+            # f(w, d): Σ over dim d of |w|^p, i.e. one value per line of the other dim
+            f = ((lambda w, d: per_channel(w, lambda b: b.abs_().sum(d), 1 - d)) if p == 1 else
+                 (lambda w, d: per_channel(w, lambda b: (b ** 2).sum(d), 1 - d)))
             att = (f(a.q_proj.weight, 1).reshape(lg.n_kv, -1).sum(1) + f(a.k_proj.weight, 1).reshape(lg.n_kv, -1).sum(1)
                    + f(a.v_proj.weight, 1).reshape(lg.n_kv, -1).sum(1) + f(a.o_proj.weight, 0).reshape(lg.n_kv, -1).sum(1))
             ch = f(m.gate_proj.weight, 1) + f(m.up_proj.weight, 1) + f(m.down_proj.weight, 0)
@@ -32,15 +35,17 @@ class Magnitude(Method):
 @register("wanda-sp")
 class WandaSP(Method):
     """Wanda-sp (FLAP repo): for o_proj / down_proj input channel j, ``S_j = mean_i |W_ij| · ‖X_j‖₂``;
-    a KV group sums its channels, an MLP channel is its own score. Uniform allocation."""
+    a KV group sums its channels, an MLP channel is its own score. Uniform allocation. ``mean_i |W_ij|`` is
+    taken in float64 one block of columns at a time (:func:`~.base.per_channel`)."""
 
     default_allocation = "uniform"
 
     def score(self, model, ctx: Context) -> Scores:
         attn, mlp = [], []
+        col_abs_mean = lambda w: per_channel(w, lambda b: b.abs_().mean(0), 1)   # mean_i |W_ij|
         for layer, lg, st in zip(decoder_layers(model), ctx.groups, ctx.layer_stats):
-            so = layer.self_attn.o_proj.weight.double().abs().mean(0) * st.o_in.norm
-            sd = layer.mlp.down_proj.weight.double().abs().mean(0) * st.down_in.norm
+            so = col_abs_mean(layer.self_attn.o_proj.weight.data) * st.o_in.norm
+            sd = col_abs_mean(layer.mlp.down_proj.weight.data) * st.down_in.norm
             attn.append(per_kv_group(so, lg))
             mlp.append(sd)
         return Scores(attn, mlp)
@@ -60,13 +65,16 @@ class FLAP(Method):
         metric = ctx.opt("metric", "WIFV")
         attn, mlp, means = [], [], []
         for layer, lg, st in zip(decoder_layers(model), ctx.groups, ctx.layer_stats):
-            wo, wd = layer.self_attn.o_proj.weight.double(), layer.mlp.down_proj.weight.double()
+            wo, wd = layer.self_attn.o_proj.weight.data, layer.mlp.down_proj.weight.data
+            col = lambda w, fn: per_channel(w, fn, 1)   # float64, one block of columns at a time
             if metric == "WIFV":
-                so, sd = st.o_in.var * (wo ** 2).sum(0), st.down_in.var * (wd ** 2).sum(0)
+                sq = lambda b: (b ** 2).sum(0)           # ‖W[:, j]‖₂²
+                so, sd = st.o_in.var * col(wo, sq), st.down_in.var * col(wd, sq)
             elif metric == "IFV":
                 so, sd = st.o_in.var, st.down_in.var
             elif metric == "WIFN":
-                so, sd = wo.abs().mean(0) * st.o_in.norm, wd.abs().mean(0) * st.down_in.norm
+                am = lambda b: b.abs_().mean(0)          # mean_i |W_ij|
+                so, sd = col(wo, am) * st.o_in.norm, col(wd, am) * st.down_in.norm
             else:
                 raise ValueError(f"FLAP metric {metric} unknown; use WIFV, IFV or WIFN")
             so = so ** 2

@@ -27,15 +27,26 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Method, Scores, register
+from .base import Context, Method, Scores, block_len, per_channel, register
 from ..calibrate import collect
 from ..groups import LayerGroups
 from ..models import decoder_layers
 
 
+def down_col_norm(w_down: torch.Tensor) -> torch.Tensor:
+    """``‖W_down[:, j]‖₂`` for every MLP channel j, in float64 one block of columns at a time → [n_ff]."""
+    return per_channel(w_down, lambda b: b.norm(dim=0), 1)
+
+
 def mlp_channel_change(w_down: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Per-token block-output change of deleting each MLP channel: ``‖W_down[:, j]‖₂·|a_{t,j}|`` → [T, n_ff]."""
-    return a.reshape(-1, a.shape[-1]).double().abs() * w_down.double().norm(dim=0)[None, :]
+    return a.reshape(-1, a.shape[-1]).double().abs() * down_col_norm(w_down)[None, :]
+
+
+def abs_col_sum(a: torch.Tensor) -> torch.Tensor:
+    """``Σ_t |a_{t,j}|`` over all tokens of a batch of MLP activations ``[..., n_ff]``, in float64 one block of
+    channels at a time → [n_ff] on a's device."""
+    return per_channel(a.reshape(-1, a.shape[-1]), lambda b: b.abs_().sum(0), 1)
 
 
 def attn_group_change(w_o: torch.Tensor, o: torch.Tensor, lg: LayerGroups) -> torch.Tensor:
@@ -46,6 +57,20 @@ def attn_group_change(w_o: torch.Tensor, o: torch.Tensor, lg: LayerGroups) -> to
     for g in range(lg.n_kv):
         sl = slice(g * span, (g + 1) * span)
         out[:, g] = (o[:, sl] @ w_o[:, sl].T).double().norm(dim=1)
+    return out
+
+
+def mm(x: torch.Tensor, w: torch.Tensor, dt: torch.dtype, t: bool = False) -> torch.Tensor:
+    """``x·Wᵀ`` (``t``) or ``x·W`` in ``dt``. A weight stored in another dtype is converted one block of output
+    columns at a time (``W[I]`` rows for ``x·Wᵀ``, ``W[:, J]`` columns for ``x·W``, :func:`~.base.block_len`
+    lines each), never as a whole: ``out[:, I] = x·W[I].to(dt)ᵀ`` (each output column is the same dot product)."""
+    if w.dtype == dt:
+        return x @ (w.T if t else w)
+    n_out = w.shape[0] if t else w.shape[1]
+    step = block_len(w.shape[1] if t else w.shape[0])
+    out = torch.empty(*x.shape[:-1], n_out, dtype=dt, device=x.device)
+    for a in range(0, n_out, step):
+        out[..., a:a + step] = x @ (w[a:a + step].to(dt).T if t else w[:, a:a + step].to(dt))
     return out
 
 
@@ -61,18 +86,18 @@ def ffn_jacobian_ops(layer, h: torch.Tensor):
     d = h.shape[-1]
     r = (h.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
     u = gam * h * r
-    wg, wu, wd = (mlp.gate_proj.weight.to(dt), mlp.up_proj.weight.to(dt), mlp.down_proj.weight.to(dt))
-    gp, up = u @ wg.T, u @ wu.T
+    wg, wu, wd = (mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach())
+    gp, up = mm(u, wg, dt, t=True), mm(u, wu, dt, t=True)
     sig = torch.sigmoid(gp)
     silu, dsilu = gp * sig, sig * (1 + gp * (1 - sig))
 
     def jv(v):
         nv = gam * (r * v - r ** 3 * (h * v).sum(-1, keepdim=True) / d * h)
-        return (dsilu * up * (nv @ wg.T) + silu * (nv @ wu.T)) @ wd.T
+        return mm(dsilu * up * mm(nv, wg, dt, t=True) + silu * mm(nv, wu, dt, t=True), wd, dt, t=True)
 
     def jtw(w):
-        b = w @ wd
-        t = (dsilu * up * b) @ wg + (silu * b) @ wu
+        b = mm(w, wd, dt)
+        t = mm(dsilu * up * b, wg, dt) + mm(silu * b, wu, dt)
         gt = gam * t
         return r * gt - r ** 3 / d * h * (h * gt).sum(-1, keepdim=True)
 
@@ -121,7 +146,7 @@ class BIP(Method):
                 st["n"] += args[0].shape[0] * args[0].shape[1]
 
             def d_hook(mod, args):
-                st["abs"] += args[0].reshape(-1, args[0].shape[-1]).double().abs().sum(0)
+                st["abs"] += abs_col_sum(args[0])
 
             def h_hook(mod, args):
                 x = args[0].reshape(-1, args[0].shape[-1])
@@ -144,7 +169,7 @@ class BIP(Method):
                 h = torch.cat(a["h"])[:n_tok]
                 sig = token_lipschitz(layer, h, iters, residual=lip == "residual", seed=ctx.seed + i)
                 k = float(sig.max()) + (1.0 if lip == "one_plus" else 0.0)
-            wn = layer.mlp.down_proj.weight.double().norm(dim=0)
+            wn = down_col_norm(layer.mlp.down_proj.weight)
             act = (st.down_in.sq / st.down_in.n).sqrt() if mlp_agg == "rms" else a["abs"] / st.down_in.n
             mlp.append(wn * act)
             attn.append(k * a["attn"] / max(a["n"], 1))
