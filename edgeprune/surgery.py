@@ -15,27 +15,31 @@ import torch
 from torch import nn
 
 from .groups import LayerGroups, Plan, kv_index, model_groups, q_index
+from .importance.base import per_channel
 from .models import decoder_layers
 
 
 def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
           extra_bias: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear holding ``W[rows]`` or ``W[:, cols]`` (and ``b[rows] (+ extra_bias)``). The kept weights are
+    the only new allocation (no initialised weight to copy into): while the caller swaps it in, memory holds the
+    old matrix plus the kept part of it, once the old module is dropped only the kept part."""
     w = lin.weight.data
     if rows is not None:
         w = w.index_select(0, rows)
     if cols is not None:
         w = w.index_select(1, cols)
     b = lin.bias.data if lin.bias is not None else None
-    if b is not None and rows is not None:
-        b = b.index_select(0, rows)
-    if extra_bias is not None:
-        eb = extra_bias.to(w.dtype)
-        b = eb if b is None else b + eb
-    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-    new.weight.data.copy_(w)
     if b is not None:
-        new.bias.data.copy_(b)
-    new.weight.requires_grad_(lin.weight.requires_grad)
+        b = b.index_select(0, rows) if rows is not None else b.clone()
+    if extra_bias is not None:
+        eb = extra_bias.to(device=w.device, dtype=w.dtype)
+        b = eb if b is None else b + eb
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+    new.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    if b is not None:
+        new.bias = nn.Parameter(b, requires_grad=lin.bias.requires_grad if lin.bias is not None else
+                                lin.weight.requires_grad)
     return new
 
 
@@ -44,8 +48,10 @@ def _compensation(lin: nn.Linear, keep: torch.Tensor, mean: torch.Tensor) -> tor
     removed[keep] = False
     if not removed.any():
         return None
-    w = lin.weight.data[:, removed].double()
-    return (w @ mean[removed].double().to(w.device)).to(lin.weight.dtype)
+    w = lin.weight.data
+    mr = mean[removed].double().to(w.device)
+    # W[:, removed] · x̄[removed] in float64, one block of rows at a time
+    return per_channel(w, lambda b: b[:, removed.to(w.device)] @ mr, 0).to(lin.weight.dtype)
 
 
 @torch.no_grad()
@@ -62,11 +68,15 @@ def apply_plan(model, plan: Plan, bias_means: list[dict] | None = None) -> None:
 
 
 def _prune_layer(layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, means: dict | None) -> None:
+    """Prune one decoder layer in place. One matrix at a time: each ``_take`` is swapped in before the next is
+    built, so (when nothing else holds the layer's weights) the transient memory is one kept matrix."""
     a, m = layer.self_attn, layer.mlp
     if kv.numel() != lg.n_kv:
         qi, ki = q_index(lg, kv), kv_index(lg, kv)
         comp = _compensation(a.o_proj, qi, means["o"]) if means and "o" in means else None
-        a.q_proj, a.k_proj, a.v_proj = _take(a.q_proj, rows=qi), _take(a.k_proj, rows=ki), _take(a.v_proj, rows=ki)
+        a.q_proj = _take(a.q_proj, rows=qi)
+        a.k_proj = _take(a.k_proj, rows=ki)
+        a.v_proj = _take(a.v_proj, rows=ki)
         a.o_proj = _take(a.o_proj, cols=qi, extra_bias=comp)
         a.num_key_value_groups = lg.n_rep
         if hasattr(a, "num_heads"):
@@ -75,7 +85,8 @@ def _prune_layer(layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, mea
             a.num_key_value_heads = kv.numel()
     if ch.numel() != lg.n_mlp:
         comp = _compensation(m.down_proj, ch, means["down"]) if means and "down" in means else None
-        m.gate_proj, m.up_proj = _take(m.gate_proj, rows=ch), _take(m.up_proj, rows=ch)
+        m.gate_proj = _take(m.gate_proj, rows=ch)
+        m.up_proj = _take(m.up_proj, rows=ch)
         m.down_proj = _take(m.down_proj, cols=ch, extra_bias=comp)
         m.intermediate_size = ch.numel()
 

@@ -187,3 +187,17 @@ def test_blockwise_channel_reductions_match_whole_matrix():
     assert torch.allclose(st.mean, allx.mean(0)) and torch.allclose(st.var, allx.var(0))
     assert torch.allclose(st.norm, allx.norm(dim=0))
 
+
+def test_surgery_allocates_only_the_kept_weights():
+    """_take builds the new Linear around the selected rows/columns (no initialised matrix copied into) and keeps
+    no reference to the old weight, so the old matrix is freed as soon as the layer drops it."""
+    import weakref
+
+    lin = torch.nn.Linear(16, 8, bias=True)
+    rows = torch.tensor([0, 3, 5])
+    old = weakref.ref(lin.weight)
+    new = S._take(lin, rows=rows)
+    assert torch.equal(new.weight, lin.weight[rows]) and torch.equal(new.bias, lin.bias[rows])
+    assert new.weight.data_ptr() != lin.weight.data_ptr() and new.bias.data_ptr() != lin.bias.data_ptr()
+    del lin
+    assert old() is None
