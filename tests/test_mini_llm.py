@@ -81,3 +81,31 @@ def test_peak_memory_close_to_forward_and_below_backward():
     assert r["mini-llm"]["peak_rss_mb"] <= 1.15 * r["forward"]["peak_rss_mb"], r
     assert r["llm-pruner"]["peak_rss_mb"] - r["forward"]["peak_rss_mb"] > \
         3 * max(r["mini-llm"]["peak_rss_mb"] - r["forward"]["peak_rss_mb"], 50), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_perturbation_and_salience_match_whole_matrix(dtype):
+    """z, ĝ, the perturbed forward and the FMS score are made one row block at a time (several blocks here); they
+    must equal the whole-matrix formulas: y = x·(W + εz)ᵀ + b, S_i = Σ_j |W_ij ĝ_ij|·x_j, S_j = Σ_i |W_ij ĝ_ij|·x_j."""
+    from edgeprune.importance.mini_llm import SPSA, _blockwise_linear, fms_salience, noise, row_blocks
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(4096, 600, dtype=dtype)
+    w = lin.weight.data
+    assert len(row_blocks(w)) >= 3
+    x = torch.randn(2, 3, 4096, generator=g).to(dtype)
+    with torch.no_grad():
+        y = _blockwise_linear(lin, 7, 2, 1e-3)(x)
+        ref = torch.nn.functional.linear(x, noise(7, 2, w).mul_(1e-3).add_(w), lin.bias)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, ref, **tol)
+    est = SPSA([11, 12, 13], [0.5, -2.0, 1.25], 1e-3)
+    gh = est.grad(4, w)
+    assert gh.dtype == torch.float32 and gh.shape == w.shape
+    want = sum(c * noise(s, 4, w).float() for s, c in zip(est.seeds, est.coeffs)) / 3
+    torch.testing.assert_close(gh, want, rtol=1e-6, atol=1e-6)
+    xs = torch.rand(4096, generator=g, dtype=torch.float64)
+    s_full = (w.double() * gh.double()).abs() * xs[None, :]
+    for dim in (0, 1):
+        got = fms_salience(w, est.grad_blocks(4, w), xs, dim)
+        torch.testing.assert_close(got, s_full.sum(1 - dim), rtol=1e-12, atol=0)
