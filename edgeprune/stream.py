@@ -28,8 +28,12 @@
    the checkpoint's dtype with a small safetensors writer that streams each tensor's bytes (no serialisation
    copy).
 
-Peak memory ≈ embeddings (+ head for block-loss methods) + one layer (+ its pruned copy while it is written)
-+ the calibration activations ``[N, L, H]``.
+Peak memory ≈ embeddings (+ head for block-loss methods) + one layer + the calibration activations
+``[N, L, H]`` + one layer's forward. Nothing else scales with a weight matrix: scorers and the statistics hooks
+reduce in float64 one block of rows/columns at a time (:func:`edgeprune.importance.base.per_channel`, ≈ 8 MB
+blocks), MINI-LLM perturbs, estimates and scores block by block, and surgery swaps in one kept matrix at a time
+(the old one is freed at once) before the pruned layer is written. Freed heap memory is handed back to the OS
+(:func:`trim`) after the layer's calibration forward, after scoring and after writing.
 
 **What the layer passes on** (option ``stream_propagate``): ``dense`` (default) — the dense layer's outputs,
 exactly what the non-streamed path does (it scores every layer on the dense model before any surgery), so
@@ -542,6 +546,7 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
             if needs_calib:
                 st, outs = calibrate_layer(layer, hs, kwargs, bip.extra(lg) if bip else None, i)
                 st = _cpu_stats(st)
+                trim()   # the forward's freed activations: back to the OS before scoring allocates
             if bip is not None:
                 a, m = bip.score(i, layer, lg, st)
                 sc = Scores([a], [m])
@@ -557,6 +562,7 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
                 with contextlib.nullcontext() if method.needs_gradients else torch.no_grad():
                     sc = method.score(view, ctx)
                 del view, ctx
+            trim()       # the scorer's freed blocks: back to the OS before surgery allocates
             a, m = sc.attn[0].detach().double().cpu(), sc.mlp[0].detach().double().cpu()
             means = None
             if sc.bias_means is not None:
