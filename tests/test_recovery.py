@@ -128,6 +128,30 @@ def test_quantized_base(tmp_path, data, bits, tol):
     assert eval_loss(out, blocks) < eval_loss(M.load(src), blocks)
 
 
+def test_distillation_from_the_recorded_dense_model(tmp_path, data):
+    """teacher='auto' finds the dense source in the provenance; tuning lowers KL(teacher || student) on held-out text."""
+    dense_m = T.tiny_model("gqa")
+    dense = T.save_tiny(dense_m, tmp_path / "dense")
+    S.apply_plan(dense_m, T.random_plan(dense_m, seed=3))
+    src = T.save_tiny(dense_m, tmp_path / "pruned", provenance={"source_model": str(dense)})
+    res = finetune(src, data, tmp_path / "kd", steps=16, groups=2, **FAST)
+    prov = json.loads((tmp_path / "kd" / "config.json").read_text())["pruning"]["provenance"]["finetune"]
+    assert prov["teacher"] == str(dense.resolve()) and "KL" in prov["recipe"]
+    blocks = TokenStream(M.load_tokenizer(src), data, 32).eval_blocks
+    teacher = M.load(dense)
+    kl = lambda d: eval_loss(M.load(d), blocks, teacher=teacher)  # noqa: E731
+    assert kl(tmp_path / "kd") < 0.9 * kl(src)
+    assert res.eval_loss_before == pytest.approx(kl(src), rel=1e-5)
+    assert eval_loss(M.load(dense), blocks, teacher=teacher) < 1e-6  # KL of a model to itself
+    ce = finetune(src, data, tmp_path / "ce", steps=4, groups=2, teacher="none", **FAST)
+    assert ce.eval_loss_before == pytest.approx(eval_loss(M.load(src), blocks), rel=1e-5)
+    assert json.loads((tmp_path / "ce" / "config.json").read_text())["pruning"]["provenance"]["finetune"]["teacher"] is None
+    other = T.save_tiny(T.tiny_model("gqa", vocab=64), tmp_path / "other")
+    with pytest.raises(EdgepruneError, match="vocabulary"):
+        finetune(src, data, tmp_path / "bad", steps=2, teacher=str(other), **FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 def _fails(capsys, *args):
     rc = cli_main(["finetune", *map(str, args)])
     err = capsys.readouterr().err.strip()

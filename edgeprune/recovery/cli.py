@@ -15,7 +15,8 @@ def cmd_finetune(a) -> int:
                    rank=a.rank, alpha=a.alpha, dropout=a.dropout, groups=a.groups, quantize=a.quantize,
                    seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed, resume=a.resume, eval_every=a.eval_every,
                    patience=a.patience, ckpt_every=a.ckpt_every, overwrite=a.overwrite, progress=not a.quiet,
-                   stop_after=a.stop_after, threads=a.threads)
+                   stop_after=a.stop_after, threads=a.threads, teacher=a.teacher, kd_weight=a.kd_weight,
+                   kd_temperature=a.kd_temperature)
     if a.json:
         from ..paths import atomic_file
         from dataclasses import asdict
@@ -42,6 +43,11 @@ def add_parsers(sub) -> None:
     s.add_argument("--dropout", type=float, default=0.05)
     s.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="hold frozen base weights quantized while tuning (output stays full precision)")
+    s.add_argument("--teacher", default="auto",
+                   help="distil from this model's logits: auto (the dense source model named in the provenance, "
+                        "when present), none, or a model directory")
+    s.add_argument("--kd-weight", type=float, default=1.0, help="weight of the distillation term (0 = plain CE)")
+    s.add_argument("--kd-temperature", type=float, default=1.0)
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)

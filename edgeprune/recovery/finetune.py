@@ -12,6 +12,10 @@ Strategies (``docs/methods.md`` §3.2 step 7 and §2.1 step 7; the exact SAAP re
   gradients and optimizer state exist at a time, and layers below the active group run without autograd. The step
   (or time) budget is shared equally by the groups still to run; each group stops early once the held-out loss has
   not improved for ``patience`` evaluations, and keeps its best adapter (so a group never makes held-out loss worse).
+* Loss — with a teacher (``teacher='auto'``: the dense ``source_model`` of the provenance, when present) the student
+  distils the teacher's next-token distribution (:func:`objective`); with ``teacher='none'`` it is plain next-token
+  CE. Distillation is our addition: tuning text from another domain than the evaluation otherwise pulls the model
+  towards the tuning text instead of back towards the dense model.
 * ``quantize='int8'|'int4'`` — frozen base weights are held as per-group symmetric integers during tuning
   (:mod:`edgeprune.recovery.quant`, QLoRA-style); the output merges all LoRA deltas into the original fp weights.
 
@@ -37,7 +41,7 @@ import torch
 
 from .. import __version__
 from ..errors import EdgepruneError
-from ..models import decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
+from ..models import check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
 from ..paths import atomic_file, check_output_dir
 from .stream import TokenStream
 
@@ -67,6 +71,9 @@ class FinetuneConfig:
     eval_every: int = 25
     patience: int = 4
     warmup: int = 10
+    teacher: str | None = None   # resolved teacher model dir (None: plain next-token loss)
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -81,7 +88,8 @@ class FinetuneConfig:
                   ("lr", self.lr > 0), ("rank", self.rank >= 1), ("alpha", self.alpha > 0),
                   ("dropout", 0 <= self.dropout < 1), ("groups", self.groups >= 1), ("seq-len", self.seq_len >= 8),
                   ("batch-size", self.batch_size >= 1), ("eval-every", self.eval_every >= 1),
-                  ("patience", self.patience >= 1)]
+                  ("patience", self.patience >= 1), ("kd-weight", 0 <= self.kd_weight <= 1),
+                  ("kd-temperature", self.kd_temperature > 0)]
         for name, ok in checks:
             if not ok:
                 raise EdgepruneError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range")
@@ -219,14 +227,69 @@ def _replay_group(model, fac: dict, cfg: FinetuneConfig):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def resolve_teacher(model_dir: str | Path, teacher: str | None) -> str | None:
+    """The teacher model directory for distillation, or None for plain next-token fine-tuning.
+
+    ``'auto'``: the dense ``source_model`` recorded in the pruned model's provenance when that directory still holds a
+    model with the same vocabulary (else None); ``'none'`` / None: no teacher; any other value: that directory (it must
+    be a model with the same vocabulary, or this raises).
+    """
+    if teacher in (None, "none"):
+        return None
+    own = json.loads((Path(model_dir) / "config.json").read_text())
+    explicit = teacher != "auto"
+    if not explicit:
+        teacher = ((own.get("pruning") or {}).get("provenance") or {}).get("source_model")
+        if not teacher or not (Path(teacher) / "config.json").is_file():
+            return None
+    if Path(teacher).resolve() == Path(model_dir).resolve():
+        return None  # a model is its own teacher: distillation would be a no-op
+    try:
+        check_model_dir(teacher)
+        tcfg = json.loads((Path(teacher) / "config.json").read_text())
+    except (EdgepruneError, OSError, json.JSONDecodeError) as e:
+        if not explicit:
+            return None
+        raise EdgepruneError(f"--teacher {teacher}: {e}") from None
+    if tcfg.get("vocab_size") != own.get("vocab_size"):
+        if not explicit:
+            return None
+        raise EdgepruneError(f"--teacher {teacher} has vocabulary {tcfg.get('vocab_size')}, the model has "
+                             f"{own.get('vocab_size')}; give the dense model this one was pruned from, or --teacher none")
+    return str(Path(teacher).resolve())
+
+
+def objective(model, x: torch.Tensor, teacher=None, kd_weight: float = 1.0, temperature: float = 1.0):
+    """Training objective on a batch of token blocks ``x`` (B, T); returns ``(loss, next-token CE)``.
+
+    Without a teacher ``loss = CE``. With one (logit distillation from the dense model, our addition to the recipe):
+
+        loss = (1 − β)·CE + β·τ²·mean_{b,t} KL( softmax(z_teacher/τ) ‖ softmax(z_student/τ) )
+
+    over the positions that predict a next token (t < T − 1); β = ``kd_weight``, τ = ``temperature``.
+    """
+    out = model(input_ids=x, labels=x, use_cache=False)
+    ce = out.loss
+    if teacher is None or kd_weight == 0:
+        return ce, ce.item()
+    with torch.no_grad():
+        zt = teacher(input_ids=x, use_cache=False).logits[:, :-1].float()
+    zs = out.logits[:, :-1].float()
+    lt = torch.log_softmax(zt / temperature, -1)
+    kl = (lt.exp() * (lt - torch.log_softmax(zs / temperature, -1))).sum(-1).mean() * temperature ** 2
+    return (1 - kd_weight) * ce + kd_weight * kl, ce.item()
+
+
 @torch.no_grad()
-def eval_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+def eval_loss(model, blocks: torch.Tensor, batch_size: int = 8, teacher=None, kd_weight: float = 1.0,
+              temperature: float = 1.0) -> float:
+    """Mean :func:`objective` over ``blocks`` (the next-token CE when there is no teacher)."""
     was = model.training
     model.eval()
     tot = 0.0
     for b in range(0, len(blocks), batch_size):
         x = blocks[b:b + batch_size]
-        tot += model(input_ids=x, labels=x, use_cache=False).loss.item() * len(x)
+        tot += objective(model, x, teacher, kd_weight, temperature)[0].item() * len(x)
     model.train(was)
     return tot / len(blocks)
 
@@ -253,7 +316,8 @@ def finetune(model_dir: str | Path, data: str, out: str | Path, strategy: str = 
              dropout: float = 0.05, groups: int = 4, quantize: str = "none", seq_len: int = 128, batch_size: int = 8,
              seed: int = 0, resume: bool = False, eval_every: int = 25, patience: int = 4, ckpt_every: int = 50,
              overwrite: bool = False, progress: bool = True, stop_after: int | None = None,
-             threads: int | None = None) -> FinetuneResult:
+             threads: int | None = None, teacher: str | None = "auto", kd_weight: float = 1.0,
+             kd_temperature: float = 1.0) -> FinetuneResult:
     """Fine-tune ``model_dir`` on ``data`` and write the merged model to ``out`` (see the module docstring).
 
     ``stop_after`` ends this run after that many optimizer steps without writing ``out`` (as if it were killed);
@@ -271,11 +335,13 @@ def finetune(model_dir: str | Path, data: str, out: str | Path, strategy: str = 
 
 
 def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, dropout, groups, quantize, seq_len,
-              batch_size, seed, resume, eval_every, patience, ckpt_every, overwrite, progress, stop_after):
+              batch_size, seed, resume, eval_every, patience, ckpt_every, overwrite, progress, stop_after, teacher,
+              kd_weight, kd_temperature):
     t_start = time.time()
     cfg = FinetuneConfig(data=str(data), strategy=strategy, steps=steps, minutes=minutes, lr=lr, rank=rank, alpha=alpha,
                          dropout=dropout, groups=groups, quantize=quantize, seq_len=seq_len, batch_size=batch_size,
-                         seed=seed, eval_every=eval_every, patience=patience)
+                         seed=seed, eval_every=eval_every, patience=patience, kd_weight=kd_weight,
+                         kd_temperature=kd_temperature)
     cfg.validate()
     if ckpt_every < 1:
         raise EdgepruneError(f"--ckpt-every {ckpt_every} must be >= 1")
@@ -287,10 +353,16 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     if not resume and ckpt_dir.exists():
         raise EdgepruneError(f"a checkpoint of an earlier run exists at {ckpt_dir}; pass --resume to continue it "
                              "or delete it to start over")
+    check_model_dir(model_dir)
+    cfg.teacher = resolve_teacher(model_dir, teacher)
     tok = load_tokenizer(model_dir)
     stream = TokenStream(tok, cfg.data, cfg.seq_len, cfg.seed)
     model = load(model_dir)
     _check_rank(model, cfg.rank)
+    tmodel = None
+    if cfg.teacher is not None:
+        tmodel = load(cfg.teacher).eval().requires_grad_(False)
+    kd = dict(teacher=tmodel, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
     logging.getLogger("peft").setLevel(logging.ERROR)
 
     n_layers = len(decoder_layers(model))
@@ -324,7 +396,7 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
         stream.skip_to(st["position"])
     else:
         torch.manual_seed(cfg.seed)
-        st["eval_before"] = st["best_loss"] = eval_loss(model, stream.eval_blocks)
+        st["eval_before"] = st["best_loss"] = eval_loss(model, stream.eval_blocks, **kd)
 
     def save_ckpt(pm=None, opt=None) -> None:
         st.update(fingerprint=fp, position=stream.position, rng=torch.get_rng_state(),
@@ -375,7 +447,7 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * _lr_factor(done_frac, st["step_in_group"], cfg.warmup)
             x = stream.next_batch(cfg.batch_size)
-            loss = pm(input_ids=x, labels=x, use_cache=False).loss
+            loss, ce = objective(pm, x, **kd)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -384,9 +456,9 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
             st["global_step"] += 1
             st["tokens"] += x.numel()
             run_steps += 1
-            rec = {"step": st["global_step"], "group": g, "loss": round(loss.item(), 5)}
+            rec = {"step": st["global_step"], "group": g, "loss": round(loss.item(), 5), "ce": round(ce, 5)}
             if st["step_in_group"] % cfg.eval_every == 0:
-                ev = eval_loss(pm, stream.eval_blocks)
+                ev = eval_loss(pm, stream.eval_blocks, **kd)
                 rec["eval_loss"] = round(ev, 5)
                 if ev < st["best_loss"] - 1e-4:
                     st["best_loss"], st["best_adapter"], st["bad_evals"] = ev, _adapter_state(pm), 0
@@ -404,7 +476,7 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
             break
         # end of group: evaluate the final adapter, keep the best one, merge it
         if st["step_in_group"] % cfg.eval_every:
-            ev = eval_loss(pm, stream.eval_blocks)
+            ev = eval_loss(pm, stream.eval_blocks, **kd)
             st["history"].append({"step": st["global_step"], "group": g, "eval_loss": round(ev, 5)})
             if ev < st["best_loss"] - 1e-4:
                 st["best_loss"], st["best_adapter"] = ev, _adapter_state(pm)
@@ -452,7 +524,9 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
         "groups_layers": grp, "steps_done": st["global_step"], "tokens": st["tokens"],
         "train_s": round(st["train_s"], 2), "eval_loss_before": round(st["eval_before"], 5),
         "eval_loss_after": round(st["best_loss"], 5), "resumed_from_step": resumed_from,
-        "recipe": "LoRA on q,k,v,o,gate,up,down; AdamW wd 0, warmup then cosine to 0.1 lr, clip 1.0; merged",
+        "recipe": "LoRA on q,k,v,o,gate,up,down; AdamW wd 0, warmup then cosine to 0.1 lr, clip 1.0; merged"
+                  + (f"; loss (1-{cfg.kd_weight})*CE + {cfg.kd_weight}*tau^2*KL(teacher||student), tau "
+                     f"{cfg.kd_temperature}" if cfg.teacher else "; loss CE"),
     }
     extra = {}
     if (Path(model_dir) / "prune_report.json").is_file():
