@@ -122,9 +122,11 @@ def per_channel(w: torch.Tensor, fn, dim: int) -> torch.Tensor:
     w = w.detach()
     n = w.shape[dim]
     step = block_len(w.shape[1 - dim])
-    out = []
+    # the result is allocated up front: a small tensor kept per block would sit in the freed block's place and
+    # push the next block to fresh heap (glibc), growing the resident memory block after block
+    out = torch.empty(n, dtype=torch.float64, device=w.device)
     for a in range(0, n, step):
         blk = (w[:, a:a + step] if dim == 1 else w[a:a + step]).to(torch.float64, copy=True)
-        out.append(fn(blk))
+        out[a:a + step] = fn(blk)
         del blk
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=w.device)
+    return out

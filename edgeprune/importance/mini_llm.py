@@ -118,8 +118,10 @@ def _blockwise_linear(lin, seed: int, k: int, scale: float):
     """``x ↦ x·(W + scale·z)ᵀ + b`` computed one block of output rows at a time (W is never written)."""
     def forward(x):
         w, b = lin.weight, lin.bias
-        return torch.cat([F.linear(x, z.mul_(scale).add_(w[r0:r1]), None if b is None else b[r0:r1])
-                          for r0, r1, z in noise_blocks(seed, k, w)], dim=-1)
+        y = torch.empty(*x.shape[:-1], w.shape[0], dtype=torch.result_type(x, w), device=x.device)
+        for r0, r1, z in noise_blocks(seed, k, w):   # y allocated first: no small tensor kept between blocks
+            y[..., r0:r1] = F.linear(x, z.mul_(scale).add_(w[r0:r1]), None if b is None else b[r0:r1])
+        return y
     return forward
 
 
