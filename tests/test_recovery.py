@@ -85,10 +85,13 @@ def test_nonuniform_gqa_and_dense_models(tmp_path, data, kind):
     assert res.groups == [[0, 1], [2, 3]] and res.merge_max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("strategy,quantize", [("groupwise", "none"), ("lora", "none"), ("groupwise", "int4")])
-def test_resume_equals_uninterrupted(tmp_path, data, strategy, quantize):
+@pytest.mark.parametrize("strategy,quantize,teacher", [("groupwise", "none", False), ("lora", "none", False),
+                                                      ("groupwise", "int4", False), ("groupwise", "none", True)])
+def test_resume_equals_uninterrupted(tmp_path, data, strategy, quantize, teacher):
     src = _pruned(tmp_path)
     kw = dict(strategy=strategy, steps=12, groups=3, ckpt_every=3, quantize=quantize, **FAST)
+    if teacher:
+        kw["teacher"] = str(_pruned(tmp_path, prune=False))
     full = finetune(src, data, tmp_path / "full", **kw)
     part = finetune(src, data, tmp_path / "part", stop_after=7, **kw)  # "killed" after step 7; last ckpt at step 6
     assert not part.complete and not (tmp_path / "part").exists() and (tmp_path / "part.ckpt" / "state.pt").is_file()
