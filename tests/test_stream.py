@@ -172,3 +172,33 @@ def test_rss_bound_1b_shape(tmp_path):
     assert rss["1"] < 0.7 * rss["0"], rss
     assert rss["1"] < 700e6 + emb + 4 * layer, (rss, emb, layer)
     _same_weights(tmp_path / "o0", tmp_path / "o1")
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(os.environ.get("EDGEPRUNE_HEAVY") != "1", reason="heavy: set EDGEPRUNE_HEAVY=1")
+def test_mini_llm_stream_rss_close_to_forward(tmp_path):
+    """Issue 7's memory bound on a LLaMA-7B-shaped bf16 model cut to 2 layers, with scripts/bench_scale.py's own
+    child jobs (a fresh process each, peak = VmHWM): the streamed MINI-LLM prune (scoring, surgery and writing)
+    peaks at ≤ 1.15 × the streamed forward-only pass (LM loss over the same calibration rows)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.TOKENIZER.is_file():
+        pytest.skip(f"{bench.TOKENIZER} not found")
+
+    def child(job):
+        env = {**os.environ, "PYTHONPATH": str(script.parent.parent), "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, str(script), "--child", json.dumps(job)], capture_output=True, text=True,
+                           env=env, check=True)
+        return json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+    dense = tmp_path / "dense"
+    child({"kind": "create", "shape": "llama-7b", "layers": 2, "out": str(dense)})
+    fwd = child({"kind": "fwd", "model": str(dense)})
+    mini = child({"kind": "prune", "model": str(dense), "out": str(tmp_path / "mini"), "method": "mini-llm",
+                  "ratio": 0.2, "options": bench.METHOD_OPTS["mini-llm"], "stream": True})
+    assert mini["achieved_ratio"] > 0
+    assert mini["peak_rss_mb"] <= 1.15 * fwd["peak_rss_mb"], (mini, fwd)
