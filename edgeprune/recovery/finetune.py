@@ -540,7 +540,8 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     res = result(str(out), diff)
     if progress:
-        print(f"finetune: held-out loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}; {res.steps} steps, "
+        what = "KL to the teacher" if cfg.teacher else "loss"
+        print(f"finetune: held-out {what} {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}; {res.steps} steps, "
               f"{res.tokens:,} tokens in {res.train_s:.0f} s ({res.tokens_per_s:.0f} tok/s); peak RSS "
               f"{res.peak_rss_mb:.0f} MB; merge check max|Δlogit| {diff:.2e}; saved to {out}  "
               f"({time.time() - t_start:.0f} s total)")
