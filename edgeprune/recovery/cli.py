@@ -9,8 +9,6 @@ from ..errors import EdgepruneError
 def cmd_finetune(a) -> int:
     from .finetune import finetune
 
-    if a.minutes is not None and a.steps is not None:
-        raise EdgepruneError("give either --steps or --minutes, not both")
     res = finetune(a.model, a.data, a.out, strategy=a.strategy, steps=a.steps, minutes=a.minutes, lr=a.lr,
                    rank=a.rank, alpha=a.alpha, dropout=a.dropout, groups=a.groups, quantize=a.quantize,
                    seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed, resume=a.resume, eval_every=a.eval_every,

@@ -41,7 +41,7 @@ import torch
 
 from .. import __version__
 from ..errors import EdgepruneError
-from ..models import check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
+from ..models import _read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
 from ..paths import atomic_file, check_output_dir
 from .stream import TokenStream
 
@@ -121,10 +121,15 @@ def _params_of(nq: int, nkv: int, ff: int, hidden: int, hd: int) -> int:
     return (2 * nq + 2 * nkv) * hd * hidden + 3 * ff * hidden
 
 
+def _provenance(config: dict) -> dict:
+    """The ``pruning.provenance`` record of a model's config.json ({} for a model edgeprune did not write)."""
+    return (config.get("pruning") or {}).get("provenance") or {}
+
+
 def layer_severity(model, model_dir: str | Path) -> list[float]:
     """Fraction of each layer's attention+MLP weights removed relative to the dense model (0 for a dense model)."""
     d = json.loads((Path(model_dir) / "config.json").read_text())
-    src = ((d.get("pruning") or {}).get("provenance") or {}).get("source_model")
+    src = _provenance(d).get("source_model")
     dense = d
     if src and (Path(src) / "config.json").is_file():
         try:
@@ -236,26 +241,28 @@ def resolve_teacher(model_dir: str | Path, teacher: str | None) -> str | None:
     """
     if teacher in (None, "none"):
         return None
-    own = json.loads((Path(model_dir) / "config.json").read_text())
-    explicit = teacher != "auto"
-    if not explicit:
-        teacher = ((own.get("pruning") or {}).get("provenance") or {}).get("source_model")
-        if not teacher or not (Path(teacher) / "config.json").is_file():
-            return None
+    own = _read_config(Path(model_dir))
+    if teacher != "auto":
+        return _checked_teacher(model_dir, own, teacher)
+    src = _provenance(own).get("source_model")
+    try:
+        return _checked_teacher(model_dir, own, str(src)) if src else None
+    except EdgepruneError:
+        return None  # the recorded source is gone or unusable: plain next-token loss
+
+
+def _checked_teacher(model_dir: str | Path, own: dict, teacher: str) -> str | None:
+    """``teacher`` resolved, after checking it is a model with the vocabulary of ``own`` (raises otherwise)."""
     if Path(teacher).resolve() == Path(model_dir).resolve():
         return None  # a model is its own teacher: distillation would be a no-op
     try:
         check_model_dir(teacher)
-        tcfg = json.loads((Path(teacher) / "config.json").read_text())
-    except (EdgepruneError, OSError, json.JSONDecodeError) as e:
-        if not explicit:
-            return None
+    except EdgepruneError as e:
         raise EdgepruneError(f"--teacher {teacher}: {e}") from None
-    if tcfg.get("vocab_size") != own.get("vocab_size"):
-        if not explicit:
-            return None
-        raise EdgepruneError(f"--teacher {teacher} has vocabulary {tcfg.get('vocab_size')}, the model has "
-                             f"{own.get('vocab_size')}; give the dense model this one was pruned from, or --teacher none")
+    vocab = _read_config(Path(teacher))["vocab_size"]
+    if vocab != own["vocab_size"]:
+        raise EdgepruneError(f"--teacher {teacher} has vocabulary {vocab}, the model has {own['vocab_size']}; "
+                             "give the dense model this one was pruned from, or --teacher none")
     return str(Path(teacher).resolve())
 
 
@@ -353,12 +360,11 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     if not resume and ckpt_dir.exists():
         raise EdgepruneError(f"a checkpoint of an earlier run exists at {ckpt_dir}; pass --resume to continue it "
                              "or delete it to start over")
-    check_model_dir(model_dir)
-    cfg.teacher = resolve_teacher(model_dir, teacher)
     tok = load_tokenizer(model_dir)
     stream = TokenStream(tok, cfg.data, cfg.seq_len, cfg.seed)
     model = load(model_dir)
     _check_rank(model, cfg.rank)
+    cfg.teacher = resolve_teacher(model_dir, teacher) if cfg.kd_weight > 0 else None
     tmodel = None
     if cfg.teacher is not None:
         tmodel = load(cfg.teacher).eval().requires_grad_(False)
@@ -517,7 +523,7 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
                     model.get_submodule(name).weight += (b @ a) * s
     model.eval()
     in_cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    prov = copy.deepcopy((in_cfg.get("pruning") or {}).get("provenance") or {})
+    prov = copy.deepcopy(_provenance(in_cfg))
     prov.setdefault("source_model", str(Path(model_dir).resolve()))
     prov["finetune"] = {
         "edgeprune_version": __version__, "input_model": str(Path(model_dir).resolve()), **asdict(cfg),
