@@ -162,16 +162,13 @@ class _LLM(BaseHTTPRequestHandler):
         type(self).seen.append({"auth": self.headers.get("Authorization"), "body": body[:200]})
         if self.mode == "slow":
             time.sleep(2.5)   # > the client's 1 s timeout; bounded so the server always finishes
+        status, reply = 200, {"garbage": b"<html>not json at all", "http500": b"internal error", "slow": b"{}",
+                              "prose": json.dumps({"choices": [{"message": {"content": "Prune the middle layers more."}}]
+                                                   }).encode()}[self.mode]
         if self.mode == "http500":
-            self.send_response(500)
-            self.end_headers()
-            self.wfile.write(b"internal error")
-            return
-        reply = {"garbage": b"<html>not json at all",
-                 "prose": json.dumps({"choices": [{"message": {"content": "Prune the middle layers more."}}]}).encode(),
-                 "slow": b"{}"}[self.mode]
-        try:
-            self.send_response(200)
+            status = 500
+        try:   # the client may have given up already (timeout, error status): nothing to tell it then
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             self.wfile.write(reply)
