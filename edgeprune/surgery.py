@@ -49,9 +49,9 @@ def _compensation(lin: nn.Linear, keep: torch.Tensor, mean: torch.Tensor) -> tor
     if not removed.any():
         return None
     w = lin.weight.data
-    mr = mean[removed].double().to(w.device)
+    mr, removed = mean[removed].double().to(w.device), removed.to(w.device)
     # W[:, removed] · x̄[removed] in float64, one block of rows at a time
-    return per_channel(w, lambda b: b[:, removed.to(w.device)] @ mr, 0).to(lin.weight.dtype)
+    return per_channel(w, lambda b: b[:, removed] @ mr, 0).to(lin.weight.dtype)
 
 
 @torch.no_grad()
