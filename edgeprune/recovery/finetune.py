@@ -84,15 +84,18 @@ class FinetuneConfig:
             raise EdgepruneError("give either --steps or --minutes, not both")
         if self.steps is None and self.minutes is None:
             self.steps = 200
-        checks = [("steps", self.steps is None or self.steps >= 1), ("minutes", self.minutes is None or self.minutes > 0),
-                  ("lr", self.lr > 0), ("rank", self.rank >= 1), ("alpha", self.alpha > 0),
-                  ("dropout", 0 <= self.dropout < 1), ("groups", self.groups >= 1), ("seq-len", self.seq_len >= 8),
-                  ("batch-size", self.batch_size >= 1), ("eval-every", self.eval_every >= 1),
-                  ("patience", self.patience >= 1), ("kd-weight", 0 <= self.kd_weight <= 1),
-                  ("kd-temperature", self.kd_temperature > 0)]
-        for name, ok in checks:
+        checks = [("steps", self.steps is None or self.steps >= 1, ">= 1"),
+                  ("minutes", self.minutes is None or self.minutes > 0, "> 0"), ("lr", self.lr > 0, "> 0"),
+                  ("rank", self.rank >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("groups", self.groups >= 1, ">= 1"),
+                  ("seq-len", self.seq_len >= 8, ">= 8"), ("batch-size", self.batch_size >= 1, ">= 1"),
+                  ("eval-every", self.eval_every >= 1, ">= 1"), ("patience", self.patience >= 1, ">= 1"),
+                  ("kd-weight", 0 <= self.kd_weight <= 1, "in [0, 1]"),
+                  ("kd-temperature", self.kd_temperature > 0, "> 0")]
+        for name, ok, rule in checks:
             if not ok:
-                raise EdgepruneError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range")
+                raise EdgepruneError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; "
+                                     f"give a value {rule}")
 
 
 @dataclass
