@@ -1,0 +1,163 @@
+"""Numerics of edgeprune.reconstruct: least-squares / OBS refit of a projection on its kept input columns."""
+import warnings
+
+import pytest
+import torch
+
+from edgeprune.reconstruct import (Gram, ReconstructionWarning, lsq_fit, obs_order, obs_remove, reconstruct)
+
+
+def _data(d_in=24, d_out=10, n=400, seed=0, corr=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    if corr:   # correlated inputs with a non-zero mean, as activations are
+        x = x @ (torch.eye(d_in, dtype=torch.float64) + 0.5 * torch.randn(d_in, d_in, generator=g,
+                                                                       dtype=torch.float64)) + 0.3
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    return x, w
+
+
+def _gram(x, t=None, chunks=3):
+    gr = Gram()
+    for xs, ts in zip(x.chunk(chunks), (t.chunk(chunks) if t is not None else [None] * chunks)):
+        gr.update(xs, ts)
+    return gr
+
+
+def _calib_error(w, x, t, ws, b, keep):
+    out = x[:, keep] @ ws.T.double() + (0 if b is None else b.double())
+    return float(((t @ w.T - out) ** 2).sum())
+
+
+@pytest.mark.parametrize("intercept", [False, True])
+def test_lsq_equals_independent_closed_form(intercept):
+    x, w = _data()
+    keep = torch.tensor([0, 2, 3, 5, 8, 9, 11, 13, 17, 20, 21, 23])
+    damp = 1e-3
+    ws, b = lsq_fit(w, _gram(x), keep, damp=damp, intercept=intercept)
+    # independent: ridge regression of the dense outputs on the kept inputs via lstsq of an augmented system
+    xs = x[:, keep]
+    lam = damp * float((xs ** 2).sum(0).mean())
+    feats = torch.cat([xs, torch.ones(len(x), 1, dtype=torch.float64)], 1) if intercept else xs
+    reg = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64)
+    reg[:len(keep), :len(keep)] = lam ** 0.5 * torch.eye(len(keep), dtype=torch.float64)
+    a = torch.cat([feats, reg], 0)
+    prior = torch.zeros(feats.shape[1], w.shape[0], dtype=torch.float64)   # damping pulls toward W_S
+    prior[:len(keep)] = lam ** 0.5 * w[:, keep].T
+    y = torch.cat([x @ w.T, prior], 0)
+    sol = torch.linalg.lstsq(a, y).solution.T
+    torch.testing.assert_close(ws, sol[:, :len(keep)], rtol=1e-8, atol=1e-9)
+    if intercept:
+        torch.testing.assert_close(b, sol[:, len(keep)], rtol=1e-8, atol=1e-9)
+    else:
+        assert b is None
+
+
+def test_all_columns_kept_returns_original_weights():
+    x, w = _data()
+    keep = torch.arange(w.shape[1])
+    r0 = reconstruct(w, _gram(x), keep, "lsq", damp=0.0)
+    torch.testing.assert_close(r0.weight, w, rtol=1e-7, atol=1e-7)
+    assert r0.bias is None or float(r0.bias.abs().max()) < 1e-7
+    for intercept in (False, True):   # the damping pulls toward W: exact at any damping
+        for damp in (0.0, 1e-2, 1.0):
+            ws, b = lsq_fit(w, _gram(x), keep, damp=damp, intercept=intercept)
+            torch.testing.assert_close(ws, w, rtol=1e-7, atol=1e-7)
+            assert b is None or float(b.abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq", "obs"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reconstruction_never_increases_calibration_error(mode, seed):
+    x, w = _data(seed=seed)
+    keep = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))[:9].sort().values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReconstructionWarning)
+        r = reconstruct(w, _gram(x), keep, mode)
+    e_none = _calib_error(w, x, x, w[:, keep], None, keep)
+    e = _calib_error(w, x, x, r.weight, r.bias, keep)
+    assert e <= e_none * (1 + 1e-9)
+    assert r.error <= r.error_none + 1e-12
+    if mode in ("lsq", "obs"):
+        assert e < 0.9 * e_none        # and here it actually buys something
+        assert r.mode == mode
+
+
+def test_moment_error_matches_direct_error():
+    x, w = _data(seed=3)
+    keep = torch.tensor([1, 4, 6, 7, 10, 15, 22])
+    r = reconstruct(w, _gram(x), keep, "lsq")
+    direct = _calib_error(w, x, x, r.weight, r.bias, keep) / float(((x @ w.T) ** 2).sum())
+    assert r.error == pytest.approx(direct, rel=1e-9)
+
+
+def test_obs_updates_end_at_the_lsq_solution():
+    x, w = _data(seed=4)
+    removed = [torch.tensor([3, 4]), torch.tensor([10]), torch.tensor([17, 18, 19])]
+    keep = torch.tensor(sorted(set(range(w.shape[1])) - {3, 4, 10, 17, 18, 19}))
+    full = obs_remove(w, _gram(x), removed, damp=1e-2)
+    # OBS damps the full H once (λ = 0.01 mean diag H); lsq damps H_SS by its own mean diagonal: give lsq the
+    # same absolute λ through its relative damping
+    h = x.T @ x
+    lam = 1e-2 * float(h.diagonal().mean())
+    ws, _ = lsq_fit(w, _gram(x), keep, damp=lam / float(h[keep, keep].mean()), intercept=False)
+    torch.testing.assert_close(full[:, keep], ws, rtol=1e-7, atol=1e-8)
+    assert float(full[:, [3, 4, 10, 17, 18, 19]].abs().max()) == 0
+    # and both are the undamped least-squares solution when λ → 0
+    ws0, _ = lsq_fit(w, _gram(x), keep, damp=0.0, intercept=False)
+    torch.testing.assert_close(ws0, w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep]), rtol=1e-7, atol=1e-8)
+
+
+def test_rank_deficient_gram_gives_finite_weights_and_warning():
+    x, w = _data(n=8)                       # 8 tokens for 24 inputs: H has rank 8
+    keep = torch.arange(0, 24, 2)
+    with pytest.warns(ReconstructionWarning, match="layer 5 down_proj"):
+        r = reconstruct(w, _gram(x, chunks=2), keep, "lsq", name="layer 5 down_proj")
+    assert r.mode == "bias" and torch.isfinite(r.weight).all() and torch.isfinite(r.bias).all()
+    x, w = _data()
+    x[:, 4] = 0                             # a dead channel that is kept
+    with pytest.warns(ReconstructionWarning, match="layer 2 o_proj.*dead"):
+        r = reconstruct(w, _gram(x), torch.arange(0, 24, 2), "lsq", name="layer 2 o_proj")
+    assert torch.isfinite(r.weight).all()
+
+
+def test_singular_gram_without_damping_degrades_to_bias():
+    x, w = _data()
+    x[:, 1] = x[:, 0]                       # exactly collinear kept inputs, no damping: singular
+    with pytest.warns(ReconstructionWarning, match="layer 0 o_proj"):
+        r = reconstruct(w, _gram(x), torch.arange(12), "lsq", damp=0.0, name="layer 0 o_proj")
+    assert r.mode == "bias" and torch.isfinite(r.weight).all()
+
+
+def test_cross_target_refit_reduces_error_against_target():
+    """Sequential calibration: inputs x come from pruned layers, the target inputs t from the dense model."""
+    x, w = _data(seed=5)
+    t = x + 0.2 * torch.randn_like(x)
+    keep = torch.arange(0, 24, 3)
+    r = reconstruct(w, _gram(x, t), keep, "lsq")
+    e = _calib_error(w, x, t, r.weight, r.bias, keep)
+    e_none = _calib_error(w, x, t, w[:, keep], None, keep)
+    assert e < e_none
+    xs = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    sol = torch.linalg.lstsq(xs, t @ w.T).solution.T
+    assert e <= _calib_error(w, x, t, sol[:, :-1], sol[:, -1], keep) * 1.01   # ≈ the undamped optimum
+
+
+def test_obs_order_removes_the_cheap_groups_first():
+    x, w = _data(d_in=32, seed=6)
+    w[:, 8:16] *= 1e-3                      # group 1 (columns 8..15) barely matters
+    order, costs = obs_order(w, _gram(x), group_size=8)
+    assert order[0] == 1 and sorted(order) == [0, 1, 2, 3] and len(costs) == 4
+    assert all(c >= 0 for c in costs)
+
+
+def test_gram_float32_above_threshold_and_blockwise(monkeypatch):
+    import edgeprune.reconstruct as rc
+
+    monkeypatch.setattr(rc, "F64_MAX_DIM", 16)
+    monkeypatch.setattr(rc, "TOKEN_BLOCK", 7)
+    x, _ = _data()
+    g = _gram(x.float())
+    assert g.xx.dtype == torch.float32
+    torch.testing.assert_close(g.xx.double(), x.T @ x, rtol=1e-4, atol=1e-2)
+    assert g.n == len(x)
