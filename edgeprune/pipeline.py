@@ -211,7 +211,7 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
                                      calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple)
                     r = run_prune(src, out / "pruned", pc, overwrite=True)
                     p = planner.predict(str(out / "pruned"), plan["quant"], profile)
-                    fits, short = planner._check(p, profile, cfg.margin_pct / 100)
+                    fits, short = planner.check(p, profile, cfg.margin_pct / 100)
                     tries.append({"ratio": ratio, "achieved_ratio": r.achieved_ratio, "fits": fits})
                     if all(fits.values()) or ratio >= 0.9:
                         break

@@ -104,23 +104,8 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
         getattr(profile, "sources", {}).get("peak_bandwidth_gbps", ""))
     judged = measured if on_host else predicted
     b = profile.budgets
-    verdicts = {}
-
-    def verdict(name, value, budget, ok):
-        verdicts[name] = {"budget": budget, "value": round(value, 3), "basis": judged["basis"],
-                          "verdict": "PASS" if ok else "FAIL"}
-
-    verdict("max_memory_mb", judged["peak_rss_mb"], b.max_memory_mb, judged["peak_rss_mb"] <= b.max_memory_mb)
-    verdict("max_decode_ms_per_token", judged["decode_ms"], b.max_decode_ms_per_token,
-            judged["decode_ms"] <= b.max_decode_ms_per_token)
-    if b.min_prefill_tps is not None:
-        verdict("min_prefill_tps", judged["prefill_tps"], b.min_prefill_tps, judged["prefill_tps"] >= b.min_prefill_tps)
     quality = stages["verify"]["quality"]
-    final_q = quality.get("finetuned", quality.get("pruned", quality.get("dense")))
-    if b.max_dppl_pct is not None and quality.get("dense"):
-        d = 100 * (final_q - quality["dense"]) / quality["dense"]
-        verdicts["max_dppl_pct"] = {"budget": b.max_dppl_pct, "value": round(d, 3), "basis": "measured",
-                                    "verdict": "PASS" if d <= b.max_dppl_pct else "FAIL"}
+    verdicts = _verdicts(judged, quality, profile)
     cfg_d = _read_config(final_dir)
     per_layer = [s.to_dict() for s in shapes_from_config(cfg_d)]
     src_cfg = _read_config(Path(cfg.model))
@@ -139,6 +124,20 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(_markdown(rep, profile))
     return rep
+
+
+def _verdicts(judged: dict, quality: dict, profile) -> dict:
+    """Budget verdicts through :func:`edgeprune.planner.judge`: speed/memory on ``judged`` (measured on the host,
+    projected for a device), the perplexity increase always measured (final model vs dense, PyTorch)."""
+    from .planner.judge import judge
+
+    v = judge(judged, profile, basis=judged["basis"])
+    final_q = quality.get("finetuned", quality.get("pruned", quality.get("dense")))
+    if quality.get("dense") and final_q:
+        d = judge({"dppl_pct": 100 * (final_q - quality["dense"]) / quality["dense"]}, profile, basis="measured")
+        v.update(d)
+    return {k: {"budget": x.limit, "value": round(x.value, 3), "basis": x.basis, "verdict": x.verdict,
+                "headroom_pct": round(x.headroom_pct, 2)} for k, x in v.items()}
 
 
 def _markdown(r: dict, profile) -> str:

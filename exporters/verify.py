@@ -134,17 +134,15 @@ def budgets(result: dict, profile) -> dict:
                 return float(v)
         return None
 
-    out = {}
-    mem, lat, fmb = get("max_memory_mb", "memory_mb"), get("max_decode_ms", "max_decode_latency_ms"), get("max_file_mb")
-    if mem is not None and "memory" in result:
-        v = result["memory"]["peak_rss_mb"]
-        out["memory_mb"] = {"budget": mem, "measured": v, "verdict": "PASS" if v <= mem else "FAIL"}
-    if lat is not None and "speed" in result:
-        v = 1000.0 / result["speed"]["decode_tps"]
-        out["decode_ms"] = {"budget": lat, "measured": round(v, 3), "verdict": "PASS" if v <= lat else "FAIL"}
-    if fmb is not None:
-        v = result["file_mb"]
-        out["file_mb"] = {"budget": fmb, "measured": v, "verdict": "PASS" if v <= fmb else "FAIL"}
+    from edgeprune.planner.judge import judge
+
+    limits = {"max_memory_mb": get("max_memory_mb", "memory_mb"),
+              "max_decode_ms_per_token": get("max_decode_ms", "max_decode_latency_ms"), "max_file_mb": get("max_file_mb")}
+    values = {"peak_rss_mb": result.get("memory", {}).get("peak_rss_mb"), "file_mb": result.get("file_mb"),
+              "decode_ms": 1000.0 / result["speed"]["decode_tps"] if "speed" in result else None}
+    names = {"max_memory_mb": "memory_mb", "max_decode_ms_per_token": "decode_ms", "max_file_mb": "file_mb"}
+    out = {names[k]: {"budget": v.limit, "measured": round(v.value, 3), "verdict": v.verdict}
+           for k, v in judge(values, {k: x for k, x in limits.items() if x is not None}, basis="measured").items()}
     out["overall"] = "PASS" if all(b["verdict"] == "PASS" for b in out.values()) else "FAIL"
     return out
 
