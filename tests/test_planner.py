@@ -52,10 +52,12 @@ def test_plan_or_precise_refusal_1b(name):
     c = r.chosen
     assert c.feasible and c.prediction.peak_rss_mb <= prof.budgets.max_memory_mb
     assert c.prediction.decode_ms <= prof.budgets.max_decode_ms_per_token
-    # policy: no better-quality quant fits at any ratio, and no smaller ratio fits at the chosen quant
-    order = prof.quants_best_first()
-    assert not [x for x in r.feasible if order.index(x.quant) < order.index(c.quant)]
+    # policy (config-only prior): no feasible candidate prunes less; no smaller ratio fits at the chosen quant
+    assert c.loss_basis == "prior" and c.role == "least"
+    assert not [x for x in r.feasible if round(x.achieved_ratio, 3) < round(c.achieved_ratio, 3)]
     assert not [x for x in r.feasible if x.quant == c.quant and x.ratio < c.ratio]
+    below = [x for x in r.candidates if x.quant == c.quant and x.role == "below"]
+    assert c.ratio == 0 or (below and not below[0].feasible and abs(below[0].ratio - (c.ratio - 0.005)) < 1e-9)
     assert "chosen:" in P.format_table(r) and r.to_dict()["chosen"]["quant"] == c.quant
 
 
@@ -208,7 +210,7 @@ def test_demo_profile_forces_moderate_pruning():
     prof = load_profile("host", calibration=False)
     P.calibrate_host(P.HostRun(REF, "f16", 1498.5, 78.7, 16.892, 5000.0, 2048, 160, 128), prof, save=True)
     r = P.plan(REF, load_profile("demo-tiny-budget"))
-    assert r.chosen.quant == "f16" and 0.2 <= r.chosen.ratio <= 0.5, P.format_table(r)
+    assert r.chosen.quant == "f16" and 0.1 <= r.chosen.ratio <= 0.5, P.format_table(r)
 
 
 # ------------------------------------------------------------------------------------------------ judge / structure
@@ -263,3 +265,33 @@ def test_calibration_peak_bandwidth_is_a_typed_field():
     got = P.apply_calibration(prof, cal)
     assert got.peak_bandwidth_gbps == cal.peak_bandwidth_gbps
     assert P.HostCalibration(**cal.to_dict()) == cal
+
+
+def test_config_only_1b_on_pi5_ships_no_structured_pruning(tmp_path):
+    """Issue #14: q8_0 with no pruning fits every budget, so the plan must not prune (it chose f16 at 55%)."""
+    import json
+    import subprocess
+    import sys
+
+    d = tmp_path / "llama-3.2-1b-config"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(llama_1b_config()))
+    out = tmp_path / "plan.json"
+    p = subprocess.run([sys.executable, "-m", "edgeprune.cli", "plan", str(d), "--profile", "raspberry-pi-5-8gb",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["chosen"]["ratio"] == 0 and r["chosen"]["quant"] != "f16", r["chosen"]
+    assert r["quality_basis"] == "prior" and r["chosen"]["loss_pct"] < 1
+    assert "beat the runner-up" in r["why"] and "chosen:" in p.stdout
+
+
+def test_least_ratio_bisection():
+    calls = []
+
+    def fits(r):
+        calls.append(r)
+        return r >= 0.3712
+    assert P.least_ratio(fits, 0.7) == 0.375 and len(calls) < 12
+    assert P.least_ratio(lambda r: r >= 0.0, 0.7) == 0.0
+    assert P.least_ratio(lambda r: False, 0.7) is None

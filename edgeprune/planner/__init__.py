@@ -14,13 +14,13 @@ Nothing here loads weights or runs a model.
 from .host_fit import HostCalibration, HostRun, apply_calibration, calibrate_host, host_run_from_verify
 from .judge import Verdict, budgets_of, judge
 from .prediction import MIB, Prediction, compare, predict
-from .search import DEFAULT_RATIOS, Candidate, PlanResult, check, format_table, plan
+from .search import DEFAULT_RATIOS, Candidate, PlanResult, PriorQuality, check, format_table, least_ratio, plan
 from .shapes import ModelShape, model_shape, pruned_shape, shape_from_config
 from .tensor_bytes import (ZERO_FFN_PAD, TensorSpec, kv_alloc_tokens, kv_bytes, kv_elem_bytes, llama_cpp_tensors,
                            matmul_params, onnx_tensors, tensors, weight_bytes)
 
 __all__ = ["HostCalibration", "HostRun", "apply_calibration", "calibrate_host", "host_run_from_verify", "Verdict",
            "budgets_of", "judge", "MIB", "Prediction", "compare", "predict", "DEFAULT_RATIOS", "Candidate",
-           "PlanResult", "check", "format_table", "plan", "ModelShape", "model_shape", "pruned_shape",
+           "PlanResult", "PriorQuality", "check", "format_table", "least_ratio", "plan", "ModelShape", "model_shape", "pruned_shape",
            "shape_from_config", "ZERO_FFN_PAD", "TensorSpec", "kv_alloc_tokens", "kv_bytes", "kv_elem_bytes",
            "llama_cpp_tensors", "matmul_params", "onnx_tensors", "tensors", "weight_bytes"]
