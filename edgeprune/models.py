@@ -10,8 +10,15 @@ with a ``pruning`` block::
                 "provenance": {...}}
 
 The global ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` keep the largest layer's
-values unless every layer is the same, in which case they hold the pruned values, so that a uniform result also
-loads with plain ``AutoModelForCausalLM.from_pretrained``. ``head_dim`` is always written explicitly.
+values unless every layer is the same, in which case they hold the pruned values. ``head_dim`` is always written
+explicitly.
+
+Plain ``transformers``: a directory loads with ``AutoModelForCausalLM.from_pretrained`` only when the stock class
+computes exactly the pruned function, i.e. every layer has the same shape and no layer carries a bias the
+architecture does not declare (FLAP's bias compensation adds o_proj/down_proj biases, which stock Llama/Mistral/Qwen2
+would silently drop). Otherwise ``model_type`` is replaced by :data:`PLAIN_REFUSAL` (the real one is kept in
+``pruning.model_type``), so plain transformers refuses the folder with an error naming ``edgeprune.load`` instead of
+loading another function; :func:`_read_config` restores the real type for every edgeprune reader.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from .errors import EdgepruneError
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+PLAIN_REFUSAL = "per-layer-pruned (plain transformers cannot load this exactly: use edgeprune.load(dir))"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -145,6 +153,7 @@ def _read_config(path: Path) -> dict:
         raise EdgepruneError(f"{cfg_file} is not valid JSON ({e}); restore the model's config.json") from None
     if not isinstance(d, dict):
         raise EdgepruneError(f"{cfg_file} is not a JSON object; restore the model's config.json")
+    d = restore_model_type(d)
     arch = (d.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
         raise EdgepruneError(
@@ -156,6 +165,19 @@ def _read_config(path: Path) -> dict:
             raise EdgepruneError(f"{cfg_file}: field '{key}' is missing or not a positive integer ({v!r}); "
                                  "restore the model's config.json")
     return d
+
+
+def restore_model_type(d: dict) -> dict:
+    """The config dict with its real ``model_type`` (undoing the :data:`PLAIN_REFUSAL` marker)."""
+    if d.get("model_type") == PLAIN_REFUSAL:
+        d = {**d, "model_type": (d.get("pruning") or {}).get("model_type")}
+    return d
+
+
+def plain_loadable(shapes: list[LayerShape]) -> bool:
+    """Whether stock ``from_pretrained`` rebuilds exactly this model: one shape for every layer and no bias beyond
+    the ones the architecture's config declares (those are not flagged in :class:`LayerShape`)."""
+    return is_uniform(shapes) and not any(s.o_proj_bias or s.down_proj_bias for s in shapes)
 
 
 def _resolve(model: str | Path) -> Path:
@@ -368,9 +390,10 @@ def load_tokenizer(model: str | Path):
 
 
 # ----------------------------------------------------------------------------------------------- saving
-def pruned_config(model, provenance: dict | None = None) -> dict:
-    """config.json contents for a (possibly) per-layer pruned model."""
-    d = model.config.to_dict()
+def pruned_config(model, provenance: dict | None = None, refuse_plain: bool = True) -> dict:
+    """config.json contents for a (possibly) per-layer pruned model. With ``refuse_plain`` (model folders), a model
+    stock transformers cannot rebuild exactly gets the :data:`PLAIN_REFUSAL` model_type (see the module doc)."""
+    d = restore_model_type(model.config.to_dict())
     shapes = layer_shapes(model)
     d["head_dim"] = head_dim(model)
     d["num_hidden_layers"] = len(shapes)
@@ -385,6 +408,8 @@ def pruned_config(model, provenance: dict | None = None) -> dict:
         d["num_key_value_heads"] = max(s.num_key_value_heads for s in shapes) or d["num_key_value_heads"]
         d["intermediate_size"] = max(s.intermediate_size for s in shapes) or d["intermediate_size"]
     d["pruning"] = {"per_layer": [s.to_dict() for s in shapes], "provenance": provenance or {}}
+    if refuse_plain and not plain_loadable(shapes):
+        d["pruning"]["model_type"], d["model_type"] = d["model_type"], PLAIN_REFUSAL
     d["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     d.pop("dtype", None)
     return d

@@ -223,7 +223,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
         finally:
             if work != tmp:
                 shutil.rmtree(work, ignore_errors=True)
-        cfg = pruned_config(model)
+        cfg = pruned_config(model, refuse_plain=False)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         copy_tokenizer(model_dir, tmp)
         ins, outs = io_names(len(shapes))

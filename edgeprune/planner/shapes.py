@@ -64,8 +64,9 @@ class ModelShape:
 
 def shape_from_config(d: dict, name: str = "") -> ModelShape:
     """A :class:`ModelShape` from a config.json dict (dense or with ``pruning.per_layer``)."""
-    from ..models import shapes_from_config
+    from ..models import restore_model_type, shapes_from_config
 
+    d = restore_model_type(d)
     try:
         H, V = int(d["hidden_size"]), int(d["vocab_size"])
         hd = int(d.get("head_dim") or H // int(d["num_attention_heads"]))
