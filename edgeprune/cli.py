@@ -36,6 +36,19 @@ def _kv_options(items: list[str] | None) -> dict:
     return out
 
 
+def _input_path(v) -> Path | None:
+    """An option value that names an existing file or folder (a --calib/--data/--profile path), else None."""
+    return Path(v) if v and os.path.exists(str(v)) else None
+
+
+def _guard_json(a, *inputs, outputs=()) -> None:
+    """The output-path guard for ``--json`` (a regular file there is replaced), before any work."""
+    if getattr(a, "json", None):
+        from .paths import guard_output
+
+        guard_output(a.json, kind="file", inputs=inputs, outputs=outputs, overwrite=True, flag="--json")
+
+
 def _write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
@@ -49,6 +62,9 @@ def _write_json(path: str | None, obj: dict) -> None:
 def cmd_prune(a) -> int:
     from .prune import PruneConfig, run_prune
 
+    from .paths import guard_output
+
+    guard_output(a.out, kind="dir", inputs=(a.model, _input_path(a.calib)), overwrite=a.overwrite)
     cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
@@ -82,10 +98,7 @@ def cmd_eval(a) -> int:
         bad = [t for t in _csv(a.tasks) if t not in TASK_FILES]
         if bad:
             raise EdgepruneError(f"--tasks: unknown task(s) {', '.join(bad)}; valid names: {', '.join(TASK_FILES)}")
-    if a.json:
-        from .paths import check_output_file
-
-        check_output_file(a.json, flag="--json")
+    _guard_json(a, a.model)
     model, tok = load(a.model), load_tokenizer(a.model)
     res = evaluate(model, tok, ppl=_csv(a.ppl), seq_len=a.seq_len, tasks=_csv(a.tasks), limit=a.limit,
                    speed=a.speed, max_chunks=a.max_chunks, progress=not a.quiet)
@@ -118,10 +131,7 @@ def model_info(model) -> dict:
 def cmd_info(a) -> int:
     from .models import load
 
-    if a.json:
-        from .paths import check_output_file
-
-        check_output_file(a.json, flag="--json")
+    _guard_json(a, a.model)
     info = model_info(load(a.model))
     print(f"{info['architecture']}: {info['total_params']:,} parameters, {info['non_embedding_params']:,} non-embedding")
     print("bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["bytes"].items()))
@@ -136,18 +146,9 @@ def cmd_info(a) -> int:
 def cmd_export(a) -> int:
     import exporters
 
-    from .paths import check_output_dir
+    from .paths import guard_output
 
-    from .paths import check_output_file
-
-    out = Path(a.out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        if not a.overwrite:
-            raise EdgepruneError(f"--out {out} exists; pass --overwrite or choose another path")
-    if a.format == "gguf":
-        check_output_file(out, inputs=(a.model,))
-    else:
-        check_output_dir(out, True, inputs=(a.model,))
+    guard_output(a.out, kind="file" if a.format == "gguf" else "dir", inputs=(a.model,), overwrite=a.overwrite)
     summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype)
     print(json.dumps(summary, indent=2, default=str))
     note = fallback_note(summary)
@@ -185,10 +186,7 @@ def cmd_verify(a) -> int:
         raise EdgepruneError(f"--threads {a.threads} must be >= 1")
     if a.ppl_chunks is not None and a.ppl_chunks < 1:
         raise EdgepruneError(f"--ppl-chunks {a.ppl_chunks} must be >= 1 (leave it out for all chunks)")
-    if a.json:
-        from .paths import check_output_file
-
-        check_output_file(a.json, flag="--json")
+    _guard_json(a, a.artifact, a.reference, _input_path(a.profile))
     res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads or 2, json_out=a.json,
                  max_chunks=a.ppl_chunks)
     print(json.dumps(res, indent=2, default=str))
@@ -208,6 +206,7 @@ def cmd_validate(a) -> int:
         tr = ADBTransport(t[4:] or None)
     else:
         raise EdgepruneError(f"--transport {t} unknown; use local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
+    _guard_json(a, a.artifact)
     res = validate(a.artifact, tr, threads=a.threads).to_dict()
     print(json.dumps(res, indent=2))
     _write_json(a.json, res)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BudgetError, EdgepruneError
-from .paths import atomic_dir, atomic_file, remove_stale_temps
+from .paths import atomic_dir, atomic_file, mark_ours, remove_stale_temps
 
 STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 
@@ -38,6 +38,7 @@ class RunConfig:
     threads: int = 1
     margin_pct: float = 2.0
     calibrate_host: bool = True
+    overwrite: bool = False           # allow a non-empty folder edgeprune did not make as --out
     extra: dict = field(default_factory=dict)
 
 
@@ -141,14 +142,13 @@ def run(cfg: RunConfig) -> dict:
         raise EdgepruneError(f"--finetune-minutes {cfg.finetune_minutes} must be > 0")
     if cfg.ppl_chunks is not None and cfg.ppl_chunks < 0:
         raise EdgepruneError(f"--ppl-chunks {cfg.ppl_chunks} must be >= 0 (0: all chunks)")
-    out = Path(cfg.out).resolve()
-    if out == src.resolve() or src.resolve() in out.parents:
-        raise EdgepruneError(f"--out {out} is inside the input model {src}; choose an output path outside it")
-    if out.exists() and not out.is_dir():
-        raise EdgepruneError(f"--out {out} is an existing file; pass a folder for the run")
-    from .paths import check_writable
+    from .paths import guard_output, is_ours, release_output
 
-    check_writable(out)
+    prof_file = Path(cfg.profile) if os.path.isfile(cfg.profile) else None
+    # a folder this tool made is resumed; any other non-empty folder needs --overwrite (then edgeprune writes its
+    # own files into it and deletes none of the user's)
+    out = guard_output(cfg.out, kind="dir", inputs=(src, prof_file), overwrite=cfg.overwrite or is_ours(cfg.out),
+                       adopt=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -158,6 +158,8 @@ def run(cfg: RunConfig) -> dict:
         if created and not (out / "state.json").exists() and not (out / ".lock").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
+    finally:
+        release_output(out)
 
 
 def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict:
@@ -165,6 +167,7 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
 
     with Lock(out):
         remove_stale_temps(out)   # temp siblings of a killed earlier run (we hold the lock: nobody owns them)
+        mark_ours(out)
         st = RunState(out)
         t_all = time.time()
 
@@ -341,6 +344,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--ppl-chunks", type=int, default=200, help="chunks for runtime/PyTorch perplexity (0: all)")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--no-host-calibration", action="store_true")
+    s.add_argument("--overwrite", action="store_true",
+                   help="allow --out to be a non-empty folder edgeprune did not create (its files are kept)")
     s.set_defaults(fn=_cmd_run)
 
 
@@ -357,7 +362,11 @@ def _cmd_profiles(a) -> int:
 
 def _cmd_plan(a) -> int:
     from . import planner
+    from .paths import guard_output
 
+    if a.json:
+        guard_output(a.json, kind="file", overwrite=True, flag="--json",
+                     inputs=(a.model, a.profile if os.path.isfile(a.profile) else None))
     try:
         res = planner.plan(a.model, a.profile, mlp_multiple=a.mlp_multiple)
     except BudgetError as e:
@@ -378,7 +387,7 @@ def _cmd_run(a) -> int:
     cfg = RunConfig(model=a.model, profile=a.profile, out=a.out, method=a.method, allocation=a.allocation,
                     finetune=a.finetune, finetune_minutes=a.finetune_minutes, format=a.format,
                     calib_samples=a.calib_samples, seed=a.seed, mlp_multiple=a.mlp_multiple,
-                    ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration)
+                    ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration, overwrite=a.overwrite)
     rep = run(cfg)
     print(f"report: {Path(a.out) / 'report.md'}")
     print("verdicts: " + ", ".join(f"{k}={v['verdict']}" for k, v in rep["verdicts"].items()))

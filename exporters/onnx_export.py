@@ -213,7 +213,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
     t0 = time.time()
     notes = []
     with atomic_dir(out, overwrite=True) as tmp:
-        work = Path(tempfile.mkdtemp(prefix=".onnx-fp32-", dir=tmp.parent)) if (dtype != "fp32" or quant) else tmp
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-f32-", dir=tmp.parent)) if (dtype != "fp32" or quant) else tmp
         try:
             ext = export_decoder(model, work / "model.onnx", external)
             if dtype == "fp16":

@@ -7,8 +7,15 @@ from ..errors import EdgepruneError
 
 
 def cmd_finetune(a) -> int:
+    import os
+
+    from ..paths import guard_output
     from .finetune import finetune
 
+    ins = (a.model, *(x for x in (a.data, a.teacher) if x and os.path.exists(x)))
+    if a.json:   # before training, not after it
+        guard_output(a.json, kind="file", inputs=ins, outputs=(a.out, a.out + ".ckpt"), overwrite=True,
+                     flag="--json")
     res = finetune(a.model, a.data, a.out, strategy=a.strategy, steps=a.steps, minutes=a.minutes, lr=a.lr,
                    rank=a.rank, alpha=a.alpha, dropout=a.dropout, groups=a.groups, quantize=a.quantize,
                    seq_len=a.seq_len, batch_size=a.batch_size, seed=a.seed, resume=a.resume, eval_every=a.eval_every,

@@ -32,6 +32,8 @@ import copy
 import json
 import logging
 import math
+import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ import torch
 from .. import __version__
 from ..errors import EdgepruneError
 from ..models import _read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
-from ..paths import atomic_file, check_output_dir
+from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours
 from .stream import TokenStream
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -355,9 +357,13 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     cfg.validate()
     if ckpt_every < 1:
         raise EdgepruneError(f"--ckpt-every {ckpt_every} must be >= 1")
-    out = check_output_dir(out, overwrite, inputs=(model_dir,))
-    ckpt_dir = out.with_name(out.name + ".ckpt")
+    ins = (model_dir, *(Path(x) for x in (data, teacher) if x and os.path.exists(str(x))))
+    out = check_output_dir(out, overwrite, inputs=ins)
+    ckpt_dir = guard_output(out.with_name(out.name + ".ckpt"), kind="dir", inputs=ins, overwrite=True, adopt=True,
+                            flag="checkpoint folder")
     ckpt_file = ckpt_dir / "state.pt"
+    if ckpt_dir.is_dir() and not ckpt_file.is_file() and not any(f.name != MARKER for f in ckpt_dir.iterdir()):
+        shutil.rmtree(ckpt_dir)   # a first checkpoint save that failed left only the empty folder: no checkpoint
     if resume and not ckpt_file.is_file():
         raise EdgepruneError(f"--resume: no checkpoint at {ckpt_file}; run without --resume to start")
     if not resume and ckpt_dir.exists():
@@ -411,9 +417,16 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
         st.update(fingerprint=fp, position=stream.position, rng=torch.get_rng_state(),
                   adapter=_adapter_state(pm) if pm is not None else None,
                   optim=opt.state_dict() if opt is not None else None)
+        made = not ckpt_dir.exists()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(ckpt_file) as tmp:
-            torch.save(st, tmp)
+        mark_ours(ckpt_dir)
+        try:
+            with atomic_file(ckpt_file) as tmp:
+                torch.save(st, tmp)
+        except BaseException:
+            if made:   # never leave an empty checkpoint folder (re-runs would ask for --resume)
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            raise
 
     from tqdm import tqdm
 
@@ -544,8 +557,6 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     with torch.no_grad():
         after = load(out)(input_ids=probe, use_cache=False).logits
     diff = (before - after).abs().max().item()
-    import shutil
-
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     res = result(str(out), diff)
     if progress:
