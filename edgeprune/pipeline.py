@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .errors import BudgetError, EdgepruneError
 from .paths import atomic_dir, atomic_file, mark_ours, remove_stale_temps
+from .runstate import STAGES, RunState, stage_fingerprints  # noqa: F401  (one home, re-exported)
 
-STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 
 
 @dataclass
@@ -40,20 +40,6 @@ class RunConfig:
     calibrate_host: bool = True
     overwrite: bool = False           # allow a non-empty folder edgeprune did not make as --out
     extra: dict = field(default_factory=dict)
-
-
-class RunState:
-    def __init__(self, out: Path):
-        self.path = out / "state.json"
-        self.d = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
-
-    def done(self, stage: str) -> dict | None:
-        return self.d["stages"].get(stage)
-
-    def mark(self, stage: str, info: dict) -> None:
-        self.d["stages"][stage] = info
-        with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps(self.d, indent=2, default=str) + "\n")
 
 
 class Lock:
@@ -168,7 +154,7 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
     with Lock(out):
         remove_stale_temps(out)   # temp siblings of a killed earlier run (we hold the lock: nobody owns them)
         mark_ours(out)
-        st = RunState(out)
+        st = RunState(out, *stage_fingerprints(cfg, src, profile, fmt), log=_log)
         t_all = time.time()
 
         # 1. calibrate: measure the dense model on this host's runtime; fit bandwidth factor and overheads
