@@ -149,7 +149,7 @@ def cmd_export(a) -> int:
     from .paths import guard_output
 
     guard_output(a.out, kind="file" if a.format == "gguf" else "dir", inputs=(a.model,), overwrite=a.overwrite)
-    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype)
+    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype, target=a.target)
     print(json.dumps(summary, indent=2, default=str))
     note = fallback_note(summary)
     if note:
@@ -268,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["gguf", "onnx"], required=True)
     s.add_argument("--quant", default=None, help="gguf: f32,f16,q8_0,q4_k_m,q5_k_m,q6_k; onnx: int8")
     s.add_argument("--dtype", default="fp32", help="onnx: fp32 or fp16")
+    s.add_argument("--target", default=None, choices=["edgeprune", "optimum", "genai"],
+                   help="onnx: the runtime that must load the folder; optimum needs the same KV heads in every "
+                        "layer, genai (onnxruntime-genai) and edgeprune (default) take per-layer shapes; the folder "
+                        "always holds config.json and genai_config.json")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_export)

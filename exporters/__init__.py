@@ -11,16 +11,19 @@ FORMATS = ("gguf", "onnx")
 
 
 def export(model_dir: str | Path, fmt: str, out: str | Path, quant: str | None = None, dtype: str | None = None,
-           threads: int = 2) -> dict:
+           threads: int = 2, target: str | None = None) -> dict:
     """Export ``model_dir`` to ``out``.
 
     gguf: ``quant`` in f32, f16 (default), q8_0, q4_k_m, q5_k_m, q6_k (``dtype`` f32/f16 is accepted as an alias
     when ``quant`` is not given); ``out`` is a .gguf file. onnx: ``dtype`` fp32 (default) or fp16, ``quant`` None
-    or int8; ``out`` is a directory. Returns a JSON-ready summary (``quant_report`` lists quantization fallbacks).
+    or int8; ``out`` is a directory; ``target`` edgeprune (default), optimum (refuses per-layer KV heads) or
+    genai. Returns a JSON-ready summary (``quant_report`` lists quantization fallbacks).
     """
     from edgeprune.errors import EdgepruneError
 
     if fmt == "gguf":
+        if target not in (None, "llama.cpp"):
+            raise EdgepruneError(f"--target {target} applies to ONNX; GGUF has one target (llama.cpp): drop --target")
         from .gguf import export_gguf
 
         q = quant or {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}.get(dtype or "", dtype) or "f16"
@@ -28,5 +31,6 @@ def export(model_dir: str | Path, fmt: str, out: str | Path, quant: str | None =
     if fmt == "onnx":
         from .onnx_export import export_onnx
 
-        return {"format": "onnx", **export_onnx(model_dir, out, dtype or "fp32", quant).to_dict()}
+        return {"format": "onnx", **export_onnx(model_dir, out, dtype or "fp32", quant,
+                                                target=target or "edgeprune").to_dict()}
     raise EdgepruneError(f"export format '{fmt}' unknown; use gguf or onnx")

@@ -189,9 +189,11 @@ def to_int8(src: Path, dst: Path, external: bool) -> None:
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", quant: str | None = None,
-                external: bool | None = None) -> OnnxSummary:
-    """model dir -> ONNX directory ``out`` (model.onnx [+ model.onnx_data], config.json, tokenizer files,
-    edgeprune_onnx.json describing the I/O)."""
+                external: bool | None = None, target: str = "edgeprune") -> OnnxSummary:
+    """model dir -> ONNX directory ``out`` (model.onnx [+ model.onnx_data], config.json for optimum,
+    genai_config.json for onnxruntime-genai, tokenizer files, edgeprune_onnx.json describing the
+    I/O). ``target`` optimum refuses per-layer KV heads, which it cannot load (see :mod:`.onnx_runtimes`)."""
+    from .onnx_runtimes import check_target, genai_config, optimum_config
     import shutil
     import tempfile
 
@@ -210,8 +212,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
         raise EdgepruneError(f"--out {out} is a file; ONNX exports are directories")
     model = load(model_dir, dtype=torch.float32)
     shapes = layer_shapes(model)
+    kv, q = [s.num_key_value_heads for s in shapes], [s.num_attention_heads for s in shapes]
+    check_target(target, kv)
     t0 = time.time()
-    notes = []
     with atomic_dir(out, overwrite=True) as tmp:
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-f32-", dir=tmp.parent)) if (dtype != "fp32" or quant) else tmp
         try:
@@ -223,17 +226,19 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
         finally:
             if work != tmp:
                 shutil.rmtree(work, ignore_errors=True)
-        cfg = pruned_config(model, refuse_plain=False)
+        cfg, notes = optimum_config(pruned_config(model, refuse_plain=False), kv, q, head_dim(model))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        genai = genai_config(cfg, kv, q, head_dim(model))
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         copy_tokenizer(model_dir, tmp)
         ins, outs = io_names(len(shapes))
         meta = {"format": "edgeprune-onnx-decoder", "opset": OPSET, "dtype": dtype, "quant": quant,
                 "head_dim": head_dim(model), "kv_heads": [s.num_key_value_heads for s in shapes],
                 "inputs": ins, "outputs": outs, "external_data": ext}
         (tmp / "edgeprune_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
-    size = sum(f.stat().st_size for f in out.iterdir() if "onnx" in f.name and f.name != "edgeprune_onnx.json")
-    return OnnxSummary(str(out), dtype, quant, size / 1e6, len(shapes), [s.num_key_value_heads for s in shapes], ext,
-                       OPSET, round(time.time() - t0, 2), notes)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name in ("model.onnx", "model.onnx_data"))
+    return OnnxSummary(str(out), dtype, quant, size / 1e6, len(shapes), kv, ext, OPSET, round(time.time() - t0, 2),
+                       notes)
 
 
 def derive_onnx(src: str | Path, out: str | Path, dtype: str = "fp32", quant: str | None = None) -> OnnxSummary:

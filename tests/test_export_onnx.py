@@ -56,6 +56,16 @@ def test_exact_prefill_decode_and_greedy(gqa):
     assert np.abs(lg[1] - ref_logits(m, ids[10:20])).max() < 1e-4
 
 
+def test_genai_runs_per_layer_kv(gqa):
+    """onnxruntime-genai takes each layer's KV width from the graph (genai_config holds one number)."""
+    from test_onnx_runtimes import N, _genai_greedy
+
+    m, d, s = gqa
+    assert len(set(s["kv_heads"])) > 1 and any("optimum cannot load" in n for n in s["notes"])
+    ids = prompt_ids(m.config.vocab_size, 12, seed=1)
+    assert _genai_greedy(s["path"], ids, N) == hf_greedy(m, ids, N)
+
+
 def test_qwen2_bias_tied_and_empty_layers(tmp_path):
     def edit(plan, model):
         plan.keep_mlp[1] = []
