@@ -49,6 +49,13 @@ QUANTS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("fp32", "fp16", "int8"),
 }
 RUNTIMES = tuple(QUANTS)
+#: runtimes an app loads the export with -> (the engine the planner models, the ONNX export target, shape needs).
+#: optimum builds one KV width for all layers; onnxruntime-genai 0.18 reads each layer's width from the graph
+#: (exporters/onnx_runtimes.py), so it needs no shape constraint.
+APP_RUNTIMES: dict[str, tuple[str, str, bool]] = {
+    "onnxruntime-genai": ("onnxruntime", "genai", False),
+    "optimum": ("onnxruntime", "optimum", True),
+}
 
 # device figures: name -> (type, lower bound, lower bound inclusive?, upper bound or None)
 FIGURES: dict[str, tuple[type, float, bool, float | None]] = {
@@ -70,7 +77,7 @@ BUDGETS: dict[str, tuple[bool, float | None]] = {   # name -> (required, exclusi
     "max_dppl_pct": (False, 0),
 }
 TOP_KEYS = {"name", "class", "description", "runtime", "allowed_quants", "context_length", "device", "budgets",
-            "base", "notes"}
+            "base", "notes", "uniform_kv", "uniform_shapes"}
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,14 @@ class DeviceProfile:
     path: str = ""
     is_host: bool = False       # figures measured on this machine (host or base: host)
     calibrated: bool = False    # effective factor / overhead fitted from a measured run (see planner.calibrate_host)
+    app_runtime: str = ""       # what the app loads the export with (onnxruntime-genai, optimum); "" = ``runtime``
+    uniform_kv: bool = False    # the runtime needs the same KV heads in every layer (MLP widths free)
+    uniform_shapes: bool = False  # the runtime needs every layer the same shape
+
+    @property
+    def onnx_target(self) -> str:
+        """The ONNX export target for this profile (exporters.onnx_runtimes.TARGETS)."""
+        return APP_RUNTIMES[self.app_runtime][1] if self.app_runtime else "edgeprune"
 
     @property
     def effective_bandwidth_gbps(self) -> float:
@@ -142,7 +157,8 @@ class DeviceProfile:
         return replace(self, sources=src, **vals)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"name": self.name, "class": self.device_class, "runtime": self.runtime,
+        d = {"name": self.name, "class": self.device_class, "runtime": self.app_runtime or self.runtime,
+             "uniform_kv": self.uniform_kv, "uniform_shapes": self.uniform_shapes,
              "allowed_quants": list(self.allowed_quants), "context_length": self.context_length,
              "device": {k: {"value": getattr(self, k), "source": self.sources.get(k, "")} for k in FIGURES},
              "budgets": {f.name: getattr(self.budgets, f.name) for f in fields(Budgets)},
@@ -200,8 +216,18 @@ def validate(raw: Any, where: str, device_defaults: dict[str, Figure] | None = N
     if cls not in CLASSES:
         raise _err(where, "class", f"is {cls!r}; must be one of {', '.join(CLASSES)}")
     rt = raw["runtime"]
+    app = rt if rt in APP_RUNTIMES else ""
+    rt = APP_RUNTIMES[rt][0] if app else rt
     if rt not in QUANTS:
-        raise _err(where, "runtime", f"is {rt!r}; must be one of {', '.join(RUNTIMES)}")
+        raise _err(where, "runtime", f"is {rt!r}; must be one of {', '.join(RUNTIMES + tuple(APP_RUNTIMES))}")
+    shape = {}
+    for k in ("uniform_kv", "uniform_shapes"):
+        shape[k] = raw.get(k, False)
+        if not isinstance(shape[k], bool):
+            raise _err(where, k, f"must be true or false, got {shape[k]!r}")
+    if app and APP_RUNTIMES[app][2] and not (shape["uniform_kv"] or shape["uniform_shapes"]):
+        raise _err(where, "uniform_kv", f"must be true for runtime {app} (it allocates one KV width for every "
+                   "layer); add 'uniform_kv: true'")
     aq = raw["allowed_quants"]
     if not isinstance(aq, list) or not aq:
         raise _err(where, "allowed_quants", f"must be a non-empty list, got {aq!r}")
@@ -259,6 +285,7 @@ def validate(raw: Any, where: str, device_defaults: dict[str, Figure] | None = N
     return DeviceProfile(
         name=name, device_class=cls, runtime=rt, allowed_quants=tuple(aq), context_length=ctx,
         budgets=budgets, sources={k: f.source for k, f in figs.items()}, description=str(desc or ""), path=where,
+        app_runtime=app, **shape,
         **{k: FIGURES[k][0](f.value) for k, f in figs.items()},
     )
 
@@ -319,6 +346,7 @@ def load_profile(name_or_path: str | Path, *, refresh_host: bool = False, calibr
         from . import host
 
         rt = raw.get("runtime") if isinstance(raw, dict) else None
+        rt = APP_RUNTIMES[rt][0] if rt in APP_RUNTIMES else rt
         defaults = host.host_figures(refresh=refresh_host, runtime=rt if rt in QUANTS else "llama.cpp")
     prof = validate(raw, where, device_defaults=defaults)
     if base == "host":

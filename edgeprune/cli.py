@@ -68,7 +68,8 @@ def cmd_prune(a) -> int:
     cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
-                      stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray)
+                      stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
+                      uniform_kv=a.uniform_kv, uniform_shapes=a.uniform_shapes)
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
           f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-last", type=int, default=None, help="keep the last K layers dense")
     s.add_argument("--round-mlp", type=int, default=1, help="round kept MLP width to a multiple (256 suits K-quants)")
     s.add_argument("--min-kv", type=int, default=1, help="minimum KV groups kept per layer (0 allows attention-free)")
+    s.add_argument("--uniform-kv", action="store_true",
+                   help="same KV heads in every layer, MLP widths free (optimum's ONNX runtime needs it)")
+    s.add_argument("--uniform-shapes", action="store_true",
+                   help="every layer the same shape (plain from_pretrained, llama.cpp arch 'llama')")
     s.add_argument("--opt", action="append", help="method option key=value (repeatable)")
     s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="one decoder layer in memory at a time (default: automatic when the model does not fit)")

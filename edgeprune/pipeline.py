@@ -99,10 +99,11 @@ def _artifact_name(fmt: str, quant: str) -> str:
     return f"model-{quant}.gguf" if fmt == "gguf" else f"onnx-{quant}"
 
 
-def _export_kwargs(fmt: str, quant: str) -> dict:
+def _export_kwargs(fmt: str, quant: str, profile=None) -> dict:
     if fmt == "gguf":
         return {"quant": quant}
-    return {"dtype": "fp16" if quant == "fp16" else "fp32", "quant": "int8" if quant == "int8" else None}
+    return {"dtype": "fp16" if quant == "fp16" else "fp32", "quant": "int8" if quant == "int8" else None,
+            "target": profile.onnx_target if profile is not None else None}
 
 
 def run(cfg: RunConfig) -> dict:
@@ -197,7 +198,8 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
                     # the planner assumed uniform shapes; a method's own allocation may keep other layers (e.g.
                     # more KV heads): predict the real shapes and prune harder (+0.05) until they fit too
                     pc = PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation,
-                                     calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple)
+                                     calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple,
+                                     uniform_kv=profile.uniform_kv, uniform_shapes=profile.uniform_shapes)
                     r = run_prune(src, out / "pruned", pc, overwrite=True)
                     p = planner.predict(str(out / "pruned"), plan["quant"], profile)
                     fits, short = planner.check(p, profile, cfg.margin_pct / 100)
@@ -230,7 +232,7 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
 
             if art.exists():
                 shutil.rmtree(art) if art.is_dir() else art.unlink()
-            summ = exporters.export(str(model_dir), fmt, str(art), **_export_kwargs(fmt, plan["quant"]))
+            summ = exporters.export(str(model_dir), fmt, str(art), **_export_kwargs(fmt, plan["quant"], profile))
             st.mark("export", {"artifact": art.name, "summary": summ})
 
         # 6. verify (runtime vs PyTorch; speed/memory in a subprocess at the profile's context length)
@@ -341,7 +343,7 @@ def _cmd_profiles(a) -> int:
     for name in list_profiles():
         p = load_profile(name)
         b = p.budgets
-        print(f"{name:28s} {p.device_class:8s} {p.runtime:12s} mem<={b.max_memory_mb:g} MB  "
+        print(f"{name:28s} {p.device_class:8s} {p.app_runtime or p.runtime:12s} mem<={b.max_memory_mb:g} MB  "
               f"decode<={b.max_decode_ms_per_token:g} ms/token  quants={','.join(p.allowed_quants)}")
     return 0
 

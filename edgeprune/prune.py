@@ -39,6 +39,8 @@ class PruneConfig:
     device: str = "cpu"                  # cpu | cuda | auto (calibration/scoring; surgery runs on the CPU)
     device_map: str | None = None        # e.g. "auto": spread the in-memory model over GPUs with accelerate
     ray: str | None = None               # Ray address for the self-pruner's fitness evaluations
+    uniform_kv: bool = False             # runtime constraint: same KV heads in every layer (allocation.constraints)
+    uniform_shapes: bool = False         # runtime constraint: every layer the same shape
 
     def validate(self) -> None:
         if not (0.0 < self.ratio < 1.0):
@@ -110,7 +112,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
     opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
                         skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
                         skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
-                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options))
+                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options),
+                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
     plan = allocate(alloc, scores, groups, opts, ctx)
     apply_plan(model, plan, scores.bias_means)
     t3 = time.time()

@@ -520,7 +520,8 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
     opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb_b,
                         skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
                         skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
-                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=opts_x)
+                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=opts_x,
+                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
     ratios = uniform_layer_ratio(dense_groups, opts) if one_pass else None
     torch.manual_seed(cfg.seed)
     ids = calibration_ids(tok, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)

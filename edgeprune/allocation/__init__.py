@@ -18,5 +18,9 @@ def allocate(name: str, scores, groups, opts, ctx=None):
     except ModuleNotFoundError as e:
         raise EdgepruneError(f"allocation '{name}' is not available in this build ({e.name})") from None
     plan = mod.allocate(scores, groups, opts, ctx)
+    if getattr(opts, "uniform_kv", False) or getattr(opts, "uniform_shapes", False):
+        from .constraints import constrain
+
+        plan = constrain(plan, scores, groups, opts)
     plan.meta.setdefault("allocation", name)
     return plan

@@ -25,6 +25,8 @@ class AllocOptions:
     min_kv: int = 1
     multiple: int = 1
     extra: dict = field(default_factory=dict)
+    uniform_kv: bool = False           # runtime constraint: same KV groups in every layer (see .constraints)
+    uniform_shapes: bool = False       # runtime constraint: every layer the same shape
 
     def prunable(self, n_layers: int) -> list[int]:
         return [i for i in range(n_layers) if self.skip_first <= i < n_layers - self.skip_last]
