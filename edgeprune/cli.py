@@ -69,7 +69,8 @@ def cmd_prune(a) -> int:
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
                       stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
-                      uniform_kv=a.uniform_kv, uniform_shapes=a.uniform_shapes)
+                      uniform_kv=a.uniform_kv, uniform_shapes=a.uniform_shapes,
+                      reconstruct=a.reconstruct, sequential=a.sequential)
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
           f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
@@ -240,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uniform-shapes", action="store_true",
                    help="every layer the same shape (plain from_pretrained, llama.cpp arch 'llama')")
     s.add_argument("--opt", action="append", help="method option key=value (repeatable)")
+    s.add_argument("--reconstruct", choices=["none", "bias", "lsq", "obs"], default=None,
+                   help="refit o_proj/down_proj on the kept columns after removal (default: the method's own; "
+                        "FLAP: bias)")
+    s.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate each layer's repair on the already pruned layers' outputs (default: on for "
+                        "lsq/obs)")
     s.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="one decoder layer in memory at a time (default: automatic when the model does not fit)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (calibration and scoring)")

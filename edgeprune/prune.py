@@ -41,6 +41,21 @@ class PruneConfig:
     ray: str | None = None               # Ray address for the self-pruner's fitness evaluations
     uniform_kv: bool = False             # runtime constraint: same KV heads in every layer (allocation.constraints)
     uniform_shapes: bool = False         # runtime constraint: every layer the same shape
+    reconstruct: str | None = None       # none|bias|lsq|obs; None: the method's own (FLAP: bias, others: none)
+    sequential: bool | None = None       # sequential calibration of the repair; None: on for lsq/obs
+
+    def repair_options(self):
+        """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery.
+        ``--opt recon_target=dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        if self.reconstruct is None and not self.sequential:
+            return None
+        from .repair import RepairOptions
+
+        mode = self.reconstruct or "none"
+        seq = self.sequential if self.sequential is not None else mode in ("lsq", "obs")
+        o = self.options
+        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "dense")),
+                             damp=float(o.get("recon_damp", 0.01)), intercept=_flag(o.get("recon_intercept", True)))
 
     def validate(self) -> None:
         if not (0.0 < self.ratio < 1.0):
@@ -50,6 +65,9 @@ class PruneConfig:
             raise EdgepruneError(f"--round-mlp {self.multiple} must be >= 1")
         if self.min_kv < 0:
             raise EdgepruneError(f"--min-kv {self.min_kv} must be >= 0")
+        ro = self.repair_options()
+        if ro is not None:
+            ro.validate()
         if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
             raise EdgepruneError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
 
@@ -115,12 +133,28 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
                         min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options),
                         uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
     plan = allocate(alloc, scores, groups, opts, ctx)
-    apply_plan(model, plan, scores.bias_means)
+    repair = cfg.repair_options()
+    if repair is None:
+        apply_plan(model, plan, scores.bias_means)
+    else:   # the repair stage replaces the method's own surgery (and FLAP's bias compensation)
+        from .repair import prune_repaired
+
+        reps = prune_repaired(model, plan, ctx.calib_ids, repair, ctx.batch_size, progress)
     t3 = time.time()
     info = {"allocation": alloc, "skip": [opts.skip_first, opts.skip_last], "scores_info": scores.info,
             "timings": {"calib_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "allocate_apply_s": round(t3 - t2, 2)},
             "plan_meta": {k: v for k, v in plan.meta.items()}}
+    if repair is not None:
+        info["reconstruction"] = {**asdict(repair), "layers": [asdict(r) for r in reps]}
     return plan, scores, info
+
+
+def _flag(v) -> bool:
+    if isinstance(v, str):
+        if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise EdgepruneError(f"--opt value {v!r} must be true or false")
+        return v.lower() in ("true", "1", "yes")
+    return bool(v)
 
 
 def _to_cpu(model) -> None:
@@ -187,7 +221,9 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
         "achieved_ratio": round(1 - nonemb_a / nonemb_b, 6),
         "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
         "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,
-        "scores_info": _jsonable(info["scores_info"]), "bias_compensation": scores.bias_means is not None,
+        "scores_info": _jsonable(info["scores_info"]),
+        "bias_compensation": scores.bias_means is not None and "reconstruction" not in info,
+        "reconstruction": _jsonable(info.get("reconstruction", {"mode": "method default"})),
     }
     res = PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
                       achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,

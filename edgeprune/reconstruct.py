@@ -9,6 +9,9 @@ of it. Pure numerics, torch only; the engine supplies the statistics (:class:`Gr
 * ``none`` — ``W' = W_{:,S}``.
 * ``bias`` (FLAP, arXiv 2312.11983, generalised to a target): ``W' = W_{:,S}``,
   ``b = W x̄_t − W_{:,S} x̄_S`` (``= W_{:,R} x̄_R`` when ``X_t = X``): restores the removed inputs' mean.
+
+Every mode may also aim at ``W X_t + R``, an output-space correction ``R`` (e.g. the residual-stream error the
+earlier pruned layers left, ``h_dense − h_pruned``); ``C`` then gains ``R X_Sᵀ`` and the means ``r̄``.
 * ``lsq`` (OSSCAR's final refit, arXiv 2403.12983; SlimLLM's regression, arXiv 2505.22689): the minimiser of
   ``‖W X_t − W'_S X_S − b 1ᵀ‖² + λ‖W'_S − W_{:,S}‖²``, i.e.
   ``W'_S = (W C_{:,S} + λ W_{:,S}) (H_{S,S} + λI)⁻¹`` with the cross moment ``C = X_t Xᵀ`` (``= H`` when
@@ -54,17 +57,22 @@ class ReconstructionWarning(UserWarning):
 
 @dataclass
 class Gram:
-    """Running second moments of a projection's inputs ``x`` (and optionally of target inputs ``t``):
-    ``xx = Σ x xᵀ``, ``tx = Σ t xᵀ``, ``sx = Σ x``, ``st = Σ t``, ``n`` tokens. Without a target, ``t = x``."""
+    """Running second moments of a projection's inputs ``x`` (and optionally of target inputs ``t`` and of an
+    output-space correction ``r``): ``xx = Σ x xᵀ``, ``tx = Σ t xᵀ``, ``rx = Σ r xᵀ``, ``sx = Σ x``, ``st = Σ t``,
+    ``sr = Σ r``, ``n`` tokens. Without a target, ``t = x``; the fitted output is then ``W t + r``
+    (``r``: e.g. the residual-stream error ``h_dense − h_pruned`` the refit may also absorb)."""
 
     xx: torch.Tensor | None = None
     tx: torch.Tensor | None = None
     sx: torch.Tensor | None = None
     st: torch.Tensor | None = None
+    rx: torch.Tensor | None = None
+    sr: torch.Tensor | None = None
     n: int = 0
 
-    def update(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
-        """Add a batch ``x [..., d]`` (and its target inputs ``t``, same shape), one token block at a time."""
+    def update(self, x: torch.Tensor, t: torch.Tensor | None = None, r: torch.Tensor | None = None) -> None:
+        """Add a batch ``x [..., d]`` (its target inputs ``t``, same shape, and output corrections ``r [..., d_out]``),
+        one token block at a time."""
         x = x.detach().reshape(-1, x.shape[-1])
         d = x.shape[1]
         dt = torch.float64 if d <= F64_MAX_DIM else torch.float32
@@ -78,6 +86,11 @@ class Gram:
             raise ValueError("Gram.update: give target inputs on every call or on none")
         if t is not None:
             t = t.detach().reshape(-1, d)
+        if r is not None:
+            r = r.detach().reshape(-1, r.shape[-1])
+            if self.rx is None:
+                self.rx = torch.zeros(r.shape[1], d, dtype=dt, device=x.device)
+                self.sr = torch.zeros(r.shape[1], dtype=torch.float64, device=x.device)
         for a in range(0, x.shape[0], TOKEN_BLOCK):
             xb = x[a:a + TOKEN_BLOCK].to(dt)
             self.xx.addmm_(xb.T, xb)
@@ -86,6 +99,10 @@ class Gram:
                 tb = t[a:a + TOKEN_BLOCK].to(dt)
                 self.tx.addmm_(tb.T, xb)
                 self.st += tb.sum(0, dtype=torch.float64)
+            if r is not None:
+                rb = r[a:a + TOKEN_BLOCK].to(dt)
+                self.rx.addmm_(rb.T, xb)
+                self.sr += rb.sum(0, dtype=torch.float64)
         self.n += x.shape[0]
 
     @property
@@ -93,9 +110,15 @@ class Gram:
         """``C = Σ t xᵀ`` (``H`` itself without a target)."""
         return self.xx if self.tx is None else self.tx
 
-    @property
-    def target_sum(self) -> torch.Tensor:
-        return self.sx if self.st is None else self.st
+    def target_cross(self, w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``Σ (W t + r) x_Sᵀ = W C_{:,S} (+ R_{:,S})`` in float64."""
+        c = w @ self.cross.index_select(1, keep).double()
+        return c if self.rx is None else c + self.rx.index_select(1, keep).double()
+
+    def target_mean_sum(self, w: torch.Tensor) -> torch.Tensor:
+        """``Σ (W t + r) = W s_t (+ s_r)``."""
+        s = w @ (self.sx if self.st is None else self.st)
+        return s if self.sr is None else s + self.sr
 
 
 @dataclass
@@ -115,22 +138,21 @@ def _err(w: torch.Tensor, g: Gram, keep: torch.Tensor, ws: torch.Tensor, b: torc
     """``‖W X_t − W'_S X_S − b 1ᵀ‖² − ‖W X_t‖²`` from the moments (float64):
     ``tr(W'H_SS W'ᵀ) − 2 tr(W C_{:,S} W'ᵀ) + 2 bᵀ(W'_S s_S − W s_t) + n‖b‖²``."""
     h = g.xx.index_select(0, keep).index_select(1, keep).double()
-    c = g.cross.index_select(1, keep).double()
-    e = ((ws @ h) * ws).sum() - 2 * ((w @ c) * ws).sum()
+    e = ((ws @ h) * ws).sum() - 2 * (g.target_cross(w, keep) * ws).sum()
     if b is not None:
-        e = e + 2 * b @ (ws @ g.sx[keep] - w @ g.target_sum) + g.n * (b @ b)
+        e = e + 2 * b @ (ws @ g.sx[keep] - g.target_mean_sum(w)) + g.n * (b @ b)
     return float(e)
 
 
 def _base(w: torch.Tensor, g: Gram) -> float | None:
     """``‖W X_t‖²`` when the target equals the input (else unknown: None)."""
-    return float(((w @ g.xx.double()) * w).sum()) if g.tx is None else None
+    return float(((w @ g.xx.double()) * w).sum()) if g.tx is None and g.rx is None else None
 
 
 def bias_fit(w: torch.Tensor, g: Gram, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FLAP's compensation, generalised: ``W' = W_{:,S}``, ``b = W x̄_t − W_{:,S} x̄_S`` (float64)."""
     ws = w.index_select(1, keep)
-    b = (w @ g.target_sum - ws @ g.sx[keep]) / max(g.n, 1)
+    b = (g.target_mean_sum(w) - ws @ g.sx[keep]) / max(g.n, 1)
     return ws, b
 
 
@@ -152,7 +174,7 @@ def lsq_fit(w: torch.Tensor, g: Gram, keep: torch.Tensor, damp: float = DAMP,
     """Damped least squares (module docstring); None when the system is singular / ill-conditioned."""
     k = keep.numel()
     h = g.xx.index_select(0, keep).index_select(1, keep).double()
-    c = g.cross.index_select(1, keep).double()
+    c = g.target_cross(w, keep)
     lam = damp * float(h.diagonal().mean()) if k else 0.0
     if not math.isfinite(lam):
         return None
@@ -163,11 +185,11 @@ def lsq_fit(w: torch.Tensor, g: Gram, keep: torch.Tensor, damp: float = DAMP,
         a[:k, k] = a[k, :k] = g.sx[keep]
         a[k, k] = n
         a[:k, :k].diagonal().add_(lam)
-        rhs = torch.cat([w @ c + lam * w.index_select(1, keep), (w @ g.target_sum)[:, None]], 1)
+        rhs = torch.cat([c + lam * w.index_select(1, keep), g.target_mean_sum(w)[:, None]], 1)
         x = _chol_solve(a, rhs)
         return None if x is None else (x[:, :k], x[:, k])
     h.diagonal().add_(lam)
-    x = _chol_solve(h, w @ c + lam * w.index_select(1, keep))
+    x = _chol_solve(h, c + lam * w.index_select(1, keep))
     return None if x is None else (x, None)
 
 

@@ -161,3 +161,79 @@ def test_gram_float32_above_threshold_and_blockwise(monkeypatch):
     assert g.xx.dtype == torch.float32
     torch.testing.assert_close(g.xx.double(), x.T @ x, rtol=1e-4, atol=1e-2)
     assert g.n == len(x)
+
+
+# ------------------------------------------------------------------------------- the repair stage on a model
+def _final_error(model, dense, ids):
+    with torch.no_grad():
+        a = model(ids, output_hidden_states=True).hidden_states[-1]
+        b = dense(ids, output_hidden_states=True).hidden_states[-1]
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+@pytest.mark.parametrize("kind", ["gqa", "qwen2"])
+def test_repair_stage_lowers_model_error(kind, one_thread):
+    import copy
+
+    from edgeprune import testing as T
+    from edgeprune.repair import RepairOptions, prune_repaired
+
+    dense = T.tiny_model(kind, layers=3).eval()
+    plan = T.random_plan(dense, seed=1, keep_frac=(0.4, 0.7))
+    ids = torch.randint(3, dense.config.vocab_size, (16, 24), generator=torch.Generator().manual_seed(0))
+    errs = {}
+    for name, o in {"none": RepairOptions("none", sequential=False), "bias": RepairOptions("bias", sequential=False),
+                    "lsq": RepairOptions("lsq", sequential=False),
+                    "lsq-seq": RepairOptions("lsq", sequential=True, target="dense"),
+                    "lsq-self": RepairOptions("lsq", sequential=True, target="self")}.items():
+        m = copy.deepcopy(dense)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReconstructionWarning)
+            reps = prune_repaired(m, plan, ids, o, batch_size=4, progress=False)
+        assert [p.self_attn.k_proj.out_features // p.self_attn.head_dim for p in m.model.layers] == \
+            [len(k) for k in plan.keep_kv]
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+        errs[name] = _final_error(m, dense, ids)
+        if name != "none":
+            assert all(r.errors[k] <= r.errors_none[k] + 1e-12 for r in reps for k in r.errors)
+    assert errs["lsq"] < errs["bias"] < errs["none"]
+    assert errs["lsq-seq"] < errs["lsq"]
+
+
+@pytest.fixture(scope="module")
+def repaired_dir(tmp_path_factory):
+    """A tiny model pruned with the lsq repair (sequential, with intercept: o_proj/down_proj gain biases),
+    saved with the reference SentencePiece tokenizer."""
+    import shutil
+
+    from edgeprune import testing as T
+    from edgeprune.models import load
+    from edgeprune.paths import reference_model_dir
+    from edgeprune.repair import RepairOptions, prune_repaired
+    from export_helpers import SPM_FILES
+
+    torch.set_num_threads(1)
+    m = T.tiny_model("gqa", vocab=4096, seed=1).eval()
+    ids = torch.randint(3, 4096, (8, 32), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReconstructionWarning)
+        prune_repaired(m, T.random_plan(m, seed=1), ids, RepairOptions("lsq"), batch_size=4, progress=False)
+    assert any(l.mlp.down_proj.bias is not None for l in m.model.layers)
+    d = T.save_tiny(m, tmp_path_factory.mktemp("repaired") / "m")
+    for f in SPM_FILES:
+        shutil.copy(reference_model_dir() / f, d / f)
+    torch.testing.assert_close(load(d)(ids[:1]).logits, m(ids[:1]).logits)   # the saved format keeps the refit
+    return d
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "onnx"])
+def test_reconstructed_model_exports_and_verifies(repaired_dir, tmp_path, fmt):
+    pytest.importorskip("llama_cpp" if fmt == "gguf" else "onnxruntime")
+    import exporters
+    from exporters.verify import verify
+
+    art = tmp_path / ("m.gguf" if fmt == "gguf" else "onnx")
+    exporters.export(repaired_dir, fmt, art, **({"quant": "f32"} if fmt == "gguf" else {}))
+    r = verify(art, repaired_dir, threads=1, max_chunks=3)
+    assert r["parity"]["max_abs_diff"] < 1e-4 and r["parity"]["argmax_agreement"] == 1.0
+    assert r["parity"]["greedy_match"] and abs(r["ppl"]["delta_pct"]) < 0.5

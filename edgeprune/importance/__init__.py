@@ -5,7 +5,7 @@ from .base import REGISTRY, Context, Method, Scores, get_method, register  # noq
 def _load_all():
     import importlib
 
-    for mod in ("baselines", "saap", "mini_llm", "bip"):
+    for mod in ("baselines", "saap", "mini_llm", "bip", "obs"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -1,0 +1,74 @@
+"""OBS importance (SlimGPT, arXiv 2412.18110; ZipLM, arXiv 2302.04089): the output error that removing a group
+costs after the optimal update of the rest.
+
+Per layer, on the dense calibration inputs of ``o_proj`` (head groups: the ``n_rep·head_dim`` columns of one KV
+group) and ``down_proj`` (one column per channel), with ``H = X Xᵀ + λI`` (``λ = damp · mean(diag H)``):
+greedy structured OBS (:func:`edgeprune.reconstruct.obs_order`) removes, step by step, the group ``Q`` of least
+``cost(Q) = Σ_rows w_Q (H⁻¹_{QQ})⁻¹ w_Qᵀ``, updates the survivors ``δW = −W_{:,Q} (H⁻¹_{QQ})⁻¹ H⁻¹_{Q,:}`` and
+downdates ``H⁻¹``. A group's score is the running maximum of the costs up to its removal (so keeping the top-k
+scores of a layer keeps exactly the greedy survivors for every k), divided by the parameters the group owns
+[R: SlimGPT/ZipLM use fixed or searched per-layer rates; the per-parameter scale, which lets the ``global``
+allocator compare heads with channels and layers with layers — all costs are squared errors of the layer's
+contribution to the same residual stream — is ours]. The scores are standardized (used as they are).
+
+Options: ``obs_damp`` (default 0.01), ``obs_steps`` (at most this many greedy steps per projection: more
+groups are removed per step above it; default 256).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Context, Method, Scores, register
+from ..models import decoder_layers
+
+
+def gram_collector(store: list):
+    """A :data:`edgeprune.calibrate.Collector` that accumulates the Gram statistics of the inputs of ``o_proj``
+    and ``down_proj`` into ``store[i] = {"o": Gram, "down": Gram}``."""
+    from ..reconstruct import Gram
+
+    def hooks(i, layer):
+        while len(store) <= i:
+            store.append(None)
+        store[i] = g = {"o": Gram(), "down": Gram()}
+        return [layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args: g["o"].update(args[0])),
+                layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: g["down"].update(args[0]))]
+    return hooks
+
+
+def ranked_scores(order: list[int], costs: list[float], n: int, params: int) -> torch.Tensor:
+    """Score of each group from the greedy removal: running max of the removal costs / parameters per group."""
+    s = torch.zeros(n, dtype=torch.float64)
+    run = 0.0
+    for j, c in zip(order, costs):
+        run = max(run, float(c))
+        s[j] = run / params
+    return s
+
+
+@register("obs")
+class OBS(Method):
+    """Structured OBS cost (module docstring). Default allocation: ``global``."""
+
+    default_allocation = "global"
+
+    def score(self, model, ctx: Context) -> Scores:
+        from ..reconstruct import obs_order
+
+        damp, steps = float(ctx.opt("obs_damp", 0.01)), int(ctx.opt("obs_steps", 256))
+        grams = ctx.__dict__.get("grams")
+        if grams is None:
+            from ..calibrate import collect
+
+            grams = []
+            collect(model, ctx.calib_ids, ctx.batch_size, extra=gram_collector(grams), progress=ctx.progress)
+        attn, mlp = [], []
+        for i, (layer, lg) in enumerate(zip(decoder_layers(model), ctx.groups)):
+            g = grams[i]
+            span = lg.n_rep * lg.head_dim
+            oa, ca = obs_order(layer.self_attn.o_proj.weight.data, g["o"], span, damp, steps, f"layer {i} o_proj")
+            om, cm = obs_order(layer.mlp.down_proj.weight.data, g["down"], 1, damp, steps, f"layer {i} down_proj")
+            attn.append(ranked_scores(oa, ca, lg.n_kv, lg.attn_group_params))
+            mlp.append(ranked_scores(om, cm, lg.n_mlp, lg.mlp_group_params))
+            grams[i] = None   # free the layer's Gram matrices as soon as they are used
+        return Scores(attn, mlp, standardized=True, info={"obs_damp": damp, "obs_steps": steps})

@@ -1,0 +1,173 @@
+"""The repair stage: prune one decoder layer and refit its output projections on calibration activations.
+
+For layer ``l`` with kept KV groups ``K`` and MLP channels ``C`` (:class:`~edgeprune.groups.Plan`), in order:
+
+1. **attention** — the ``o_proj`` inputs ``X`` (all heads, the layer still dense) are gathered on the layer's
+   calibration inputs; ``o_proj`` is refitted on the kept head columns (:func:`edgeprune.reconstruct.reconstruct`)
+   and q/k/v rows + o columns of the removed groups are cut;
+2. **MLP** — with the attention already pruned and refitted, the ``down_proj`` inputs are gathered the same way
+   and ``down_proj`` is refitted on the kept channels; gate/up rows and down columns are cut.
+
+**Sequential calibration** (SparseGPT, arXiv 2301.00774; ZipLM, arXiv 2302.04089): with ``sequential`` the
+layer's inputs are the outputs of the already pruned and repaired layers ``0..l−1`` (the *pruned stream*), and
+the target is the **dense model's** projection output ``W X_dense`` on the dense stream — the refit then also
+absorbs the error the earlier layers left in its inputs (``target='dense'``); ``target='self'`` fits
+``W X`` on the pruned stream instead (SparseGPT's choice). Without ``sequential`` both are the dense stream
+(every layer is repaired on dense activations, like FLAP's bias compensation). Both streams' hidden states are
+kept (``2·N·L·H`` floats); projection inputs are never stored, only the Gram statistics
+(:class:`~edgeprune.reconstruct.Gram`), so the dense layer runs once per stage next to the pruned one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .groups import LayerGroups, kv_index, q_index
+from .reconstruct import DAMP, MODES, Gram, reconstruct
+from .surgery import _take
+
+TARGETS = ("dense", "self")
+
+
+@dataclass
+class RepairOptions:
+    """``mode`` in none|bias|lsq|obs; ``sequential`` calibration; ``target`` dense|self; damping and whether
+    the refit may add an output bias (``intercept``)."""
+
+    mode: str = "lsq"
+    sequential: bool = True
+    target: str = "dense"
+    damp: float = DAMP
+    intercept: bool = True
+
+    def validate(self) -> None:
+        from .errors import EdgepruneError
+
+        if self.mode not in MODES:
+            raise EdgepruneError(f"--reconstruct {self.mode}: use one of {', '.join(MODES)}")
+        if self.target not in TARGETS:
+            raise EdgepruneError(f"--opt recon_target={self.target}: use dense or self")
+        if not (0.0 <= self.damp < 1e6):
+            raise EdgepruneError(f"--opt recon_damp={self.damp}: use a damping >= 0 (relative to mean(diag H)), "
+                                 "e.g. 0.01")
+
+
+@dataclass
+class LayerRepair:
+    """What the repair did to one layer: the mode used and the relative calibration error per projection."""
+
+    layer: int
+    modes: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+    errors_none: dict = field(default_factory=dict)
+
+
+def _forward(layer, hs, kwargs):
+    from .calibrate import _layer_forward
+
+    return [_layer_forward(layer, h, kwargs) for h in hs]
+
+
+def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dense=None) -> Gram:
+    """Gram statistics of ``proj``'s inputs over ``hs`` (through ``layer``); with ``dense`` (the dense layer) and
+    ``hs_dense``, the dense projection inputs on the dense stream are the target inputs, batch by batch."""
+    from .calibrate import _layer_forward
+
+    g, cur = Gram(), {}
+    mod = proj(layer)
+    h1 = mod.register_forward_pre_hook(lambda _m, args: cur.__setitem__("x", args[0].detach()))
+    h2 = proj(dense).register_forward_pre_hook(lambda _m, args: cur.__setitem__("t", args[0].detach())) \
+        if dense is not None else None
+    try:
+        for b, h in enumerate(hs):
+            _layer_forward(layer, h, kwargs)
+            if dense is not None:
+                _layer_forward(dense, hs_dense[b], kwargs)
+            g.update(cur["x"], cur.get("t"))
+    finally:
+        h1.remove()
+        if h2 is not None:
+            h2.remove()
+    return g
+
+
+def _swap(lin, keep, r):
+    new = _take(lin, cols=keep, extra_bias=r.bias)
+    new.weight.data.copy_(r.weight)
+    return new
+
+
+@torch.no_grad()
+def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, hs: list[torch.Tensor],
+                 kwargs: dict, opts: RepairOptions, dense=None, hs_dense: list[torch.Tensor] | None = None
+                 ) -> LayerRepair:
+    """Prune ``layer`` in place to KV groups ``kv`` and channels ``ch``, refitting o_proj / down_proj on the
+    calibration inputs ``hs`` (with ``dense``/``hs_dense``: toward the dense layer's outputs on the dense stream).
+    ``dense`` must be an untouched copy of the layer when given."""
+    rep = LayerRepair(i)
+    a, m = layer.self_attn, layer.mlp
+    if kv.numel() != lg.n_kv:
+        qi, ki = q_index(lg, kv), kv_index(lg, kv)
+        g = _gram(layer, lambda l: l.self_attn.o_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
+        r = reconstruct(a.o_proj.weight.data, g, qi, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") \
+            if opts.mode != "none" else None
+        a.q_proj, a.k_proj, a.v_proj = _take(a.q_proj, rows=qi), _take(a.k_proj, rows=ki), _take(a.v_proj, rows=ki)
+        a.o_proj = _swap(a.o_proj, qi, r) if r is not None else _take(a.o_proj, cols=qi)
+        _set_heads(a, lg, kv.numel())
+        if r is not None:
+            rep.modes["o_proj"], rep.errors["o_proj"], rep.errors_none["o_proj"] = r.mode, r.error, r.error_none
+        del g
+    if ch.numel() != lg.n_mlp:
+        g = _gram(layer, lambda l: l.mlp.down_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
+        r = reconstruct(m.down_proj.weight.data, g, ch, opts.mode, opts.damp, opts.intercept, f"layer {i} down_proj") \
+            if opts.mode != "none" else None
+        m.gate_proj, m.up_proj = _take(m.gate_proj, rows=ch), _take(m.up_proj, rows=ch)
+        m.down_proj = _swap(m.down_proj, ch, r) if r is not None else _take(m.down_proj, cols=ch)
+        m.intermediate_size = ch.numel()
+        if r is not None:
+            rep.modes["down_proj"], rep.errors["down_proj"], rep.errors_none["down_proj"] = r.mode, r.error, r.error_none
+        del g
+    return rep
+
+
+def _set_heads(a, lg: LayerGroups, n_kv: int) -> None:
+    a.num_key_value_groups = lg.n_rep
+    if hasattr(a, "num_heads"):
+        a.num_heads = n_kv * lg.n_rep
+    if hasattr(a, "num_key_value_heads"):
+        a.num_key_value_heads = n_kv
+
+
+@torch.no_grad()
+def prune_repaired(model, plan, ids: torch.Tensor, opts: RepairOptions, batch_size: int = 16,
+                   progress: bool = True) -> list[LayerRepair]:
+    """Apply ``plan`` to ``model`` in place, layer by layer, with the repair stage (module docstring).
+    Returns per-layer :class:`LayerRepair` records; refit warnings are re-emitted once each."""
+    import copy
+
+    from tqdm import tqdm
+
+    from .calibrate import layer0_inputs
+    from .groups import model_groups
+    from .models import decoder_layers
+
+    opts.validate()
+    hs, kwargs = layer0_inputs(model, ids, batch_size)
+    hs_d = [h.clone() for h in hs] if opts.sequential and opts.target == "dense" else None
+    groups, out = model_groups(model), []
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc="repair", unit="layer", disable=not progress,
+                                   leave=False)):
+        kv, ch = (torch.tensor(x[i], dtype=torch.long) for x in (plan.keep_kv, plan.keep_mlp))
+        if not opts.sequential:   # every layer sees the dense stream: its outputs before surgery go on
+            nxt = _forward(layer, hs, kwargs)
+            out.append(repair_layer(i, layer, groups[i], kv, ch, hs, kwargs, opts))
+            hs = nxt
+            continue
+        dense = copy.deepcopy(layer) if opts.target == "dense" else None
+        out.append(repair_layer(i, layer, groups[i], kv, ch, hs, kwargs, opts, dense, hs_d))
+        if dense is not None:
+            hs_d = _forward(dense, hs_d, kwargs)
+        hs = _forward(layer, hs, kwargs)
+        del dense
+    return out
