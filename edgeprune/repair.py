@@ -139,13 +139,48 @@ def _set_heads(a, lg: LayerGroups, n_kv: int) -> None:
         a.num_key_value_heads = n_kv
 
 
+@dataclass
+class Streams:
+    """Calibration hidden states entering the current layer: ``hs`` (the pruned stream, or the dense one when
+    not sequential), ``hs_dense`` (the dense stream, only for ``target='dense'``) and the layers' keyword
+    arguments (rotary embeddings, mask)."""
+
+    hs: list
+    kwargs: dict
+    hs_dense: list | None = None
+
+    @classmethod
+    def start(cls, hs: list, kwargs: dict, opts: RepairOptions) -> "Streams":
+        dense = [h.clone() for h in hs] if opts.sequential and opts.target == "dense" else None
+        return cls(list(hs), kwargs, dense)
+
+
+@torch.no_grad()
+def repair_step(i: int, layer, lg: LayerGroups, kv: list[int], ch: list[int], st: Streams,
+                opts: RepairOptions) -> LayerRepair:
+    """Prune and repair one layer in place and advance the calibration streams past it — the body of the layer
+    loop, shared by the in-memory (:func:`prune_repaired`) and the streamed path."""
+    import copy
+
+    kv_t, ch_t = torch.tensor(kv, dtype=torch.long), torch.tensor(ch, dtype=torch.long)
+    if not opts.sequential:   # every layer sees the dense stream: its outputs before surgery go on
+        nxt = _forward(layer, st.hs, st.kwargs)
+        rep = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts)
+        st.hs = nxt
+        return rep
+    dense = copy.deepcopy(layer) if st.hs_dense is not None else None
+    rep = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts, dense, st.hs_dense)
+    if dense is not None:
+        st.hs_dense = _forward(dense, st.hs_dense, st.kwargs)
+    st.hs = _forward(layer, st.hs, st.kwargs)
+    return rep
+
+
 @torch.no_grad()
 def prune_repaired(model, plan, ids: torch.Tensor, opts: RepairOptions, batch_size: int = 16,
                    progress: bool = True) -> list[LayerRepair]:
     """Apply ``plan`` to ``model`` in place, layer by layer, with the repair stage (module docstring).
-    Returns per-layer :class:`LayerRepair` records; refit warnings are re-emitted once each."""
-    import copy
-
+    Returns per-layer :class:`LayerRepair` records."""
     from tqdm import tqdm
 
     from .calibrate import layer0_inputs
@@ -154,20 +189,7 @@ def prune_repaired(model, plan, ids: torch.Tensor, opts: RepairOptions, batch_si
 
     opts.validate()
     hs, kwargs = layer0_inputs(model, ids, batch_size)
-    hs_d = [h.clone() for h in hs] if opts.sequential and opts.target == "dense" else None
-    groups, out = model_groups(model), []
-    for i, layer in enumerate(tqdm(decoder_layers(model), desc="repair", unit="layer", disable=not progress,
-                                   leave=False)):
-        kv, ch = (torch.tensor(x[i], dtype=torch.long) for x in (plan.keep_kv, plan.keep_mlp))
-        if not opts.sequential:   # every layer sees the dense stream: its outputs before surgery go on
-            nxt = _forward(layer, hs, kwargs)
-            out.append(repair_layer(i, layer, groups[i], kv, ch, hs, kwargs, opts))
-            hs = nxt
-            continue
-        dense = copy.deepcopy(layer) if opts.target == "dense" else None
-        out.append(repair_layer(i, layer, groups[i], kv, ch, hs, kwargs, opts, dense, hs_d))
-        if dense is not None:
-            hs_d = _forward(dense, hs_d, kwargs)
-        hs = _forward(layer, hs, kwargs)
-        del dense
-    return out
+    st, groups = Streams.start(hs, kwargs, opts), model_groups(model)
+    return [repair_step(i, layer, groups[i], plan.keep_kv[i], plan.keep_mlp[i], st, opts)
+            for i, layer in enumerate(tqdm(decoder_layers(model), desc="repair", unit="layer",
+                                           disable=not progress, leave=False))]

@@ -78,7 +78,7 @@ ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-BLOCK_LOSS_FREE = ("magnitude", "wanda-sp", "flap", "bip")   # methods that never call the model's loss
+BLOCK_LOSS_FREE = ("magnitude", "wanda-sp", "flap", "bip", "obs")   # methods that never call the model's loss
 
 
 # ------------------------------------------------------------------------------------------- lazy checkpoint
@@ -493,7 +493,11 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
     if alloc == "self-pruner":
         raise EdgepruneError("the self-pruner allocation evaluates whole pruned models and cannot stream; prune "
                              "without --stream (or pick --allocation uniform/global/saap)")
-    one_pass = alloc == "uniform"
+    repair = cfg.repair_options()
+    one_pass = alloc == "uniform" and repair is None   # the repair stage runs in pass 2 (it needs layer 0's inputs)
+    if propagate == "pruned" and repair is not None:
+        raise EdgepruneError("--opt stream_propagate=pruned and --reconstruct both choose what later layers see; "
+                             "use --sequential with --reconstruct instead")
     if propagate == "pruned" and not one_pass:
         raise EdgepruneError(f"--opt stream_propagate=pruned needs a per-layer allocation (uniform), not {alloc}")
     out = check_output_dir(out, overwrite, inputs=(model_path,))
@@ -533,8 +537,14 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
         with torch.no_grad():
             hs, kwargs = layer0_inputs(skel.model, ids.to(device), ctx0.batch_size)
     skel.drop_embeddings()
+    hs0 = hs if repair is not None else None   # layer 0's calibration inputs, for the repair pass
     t1 = time.time()
     bip = _BIPStream(ctx0) if method.name == "bip" else None
+    grams: list = []
+    if method.name == "obs":
+        from .importance.obs import gram_collector
+
+        gram_hooks = gram_collector(grams)
     attn_all, mlp_all, means_all, infos = [], [], [], []
     keep_kv, keep_mlp = [], []
     with atomic_dir(out, overwrite=True) as tmp:
@@ -545,7 +555,8 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
             lg: LayerGroups = dense_groups[i]
             st, outs = None, hs
             if needs_calib:
-                st, outs = calibrate_layer(layer, hs, kwargs, bip.extra(lg) if bip else None, i)
+                extra = bip.extra(lg) if bip else (gram_hooks if method.name == "obs" else None)
+                st, outs = calibrate_layer(layer, hs, kwargs, extra, i)
                 st = _cpu_stats(st)
                 trim()   # the forward's freed activations: back to the OS before scoring allocates
             if bip is not None:
@@ -558,6 +569,8 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
                 ctx.__dict__["groups"] = [lg]
                 if st is not None:
                     ctx.__dict__["layer_stats"] = [st]
+                if grams:
+                    ctx.__dict__["grams"] = [grams[i]]
                 import contextlib
 
                 with contextlib.nullcontext() if method.needs_gradients else torch.no_grad():
@@ -592,17 +605,28 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
             hs = outs
             trim()
         t2 = time.time()
-        scores = Scores(attn_all, mlp_all, standardized=method.name == "flap",
+        scores = Scores(attn_all, mlp_all, standardized=method.name in ("flap", "obs"),   # scores already on one scale
                         bias_means=means_all if any(x is not None for x in means_all) else None,
                         info=bip.info() if bip else dict(infos[0] if infos else {}))
         if not one_pass:
             plan = allocate(alloc, scores, dense_groups, opts, None)
             keep_kv, keep_mlp = plan.keep_kv, plan.keep_mlp
             plan_meta = dict(plan.meta)
+            rst = None
+            if repair is not None:
+                from .repair import Streams, repair_step
+
+                rst, repairs = Streams.start(hs0, kwargs, repair), []
+                del hs0, hs
             for i in tqdm(range(L), desc="stream (surgery)", unit="layer", disable=not progress, leave=False):
-                layer = skel.layer(i).to("cpu")
-                _prune_layer(layer, dense_groups[i], torch.tensor(keep_kv[i], dtype=torch.long),
-                             torch.tensor(keep_mlp[i], dtype=torch.long), (scores.bias_means or [None] * L)[i])
+                if rst is not None:   # the repair stage: the same step as the in-memory path
+                    layer = skel.layer(i)
+                    repairs.append(repair_step(i, layer, dense_groups[i], keep_kv[i], keep_mlp[i], rst, repair))
+                    layer = layer.to("cpu")
+                else:
+                    layer = skel.layer(i).to("cpu")
+                    _prune_layer(layer, dense_groups[i], torch.tensor(keep_kv[i], dtype=torch.long),
+                                 torch.tensor(keep_mlp[i], dtype=torch.long), (scores.bias_means or [None] * L)[i])
                 writer.write(_layer_tensors(layer, i, store_dt))
                 skel.model.model.layers[i] = layer.to("meta")
                 del layer
@@ -637,7 +661,9 @@ def run_prune_streamed(model_path, out, cfg, overwrite: bool = False, progress: 
                             "seed": cfg.seed},
             "skip_layers": [opts.skip_first, opts.skip_last], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv,
             "options": cfg.options, "scores_info": _jsonable(scores.info),
-            "bias_compensation": scores.bias_means is not None, "stream": stream_info,
+            "bias_compensation": scores.bias_means is not None and repair is None, "stream": stream_info,
+            "reconstruction": _jsonable({**asdict(repair), "layers": [asdict(r) for r in repairs]})
+            if repair is not None else {"mode": "method default"},
         }
         timings = {"calib_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "allocate_apply_s": round(t3 - t2, 2),
                    "total_s": round(time.time() - t0, 2)}

@@ -237,3 +237,57 @@ def test_reconstructed_model_exports_and_verifies(repaired_dir, tmp_path, fmt):
     r = verify(art, repaired_dir, threads=1, max_chunks=3)
     assert r["parity"]["max_abs_diff"] < 1e-4 and r["parity"]["argmax_agreement"] == 1.0
     assert r["parity"]["greedy_match"] and abs(r["ppl"]["delta_pct"]) < 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from edgeprune import testing as T
+
+    return T.save_tiny(T.tiny_model("gqa", seed=3, layers=4), tmp_path_factory.mktemp("rc") / "gqa")
+
+
+@pytest.mark.parametrize("method,allocation,recon", [("obs", None, "lsq"), ("wanda-sp", "uniform", "lsq"),
+                                                      ("flap", None, "bias")])
+def test_streamed_reconstruction_equals_in_memory(tiny_dir, tmp_path, method, allocation, recon):
+    import json
+
+    from edgeprune.models import load
+    from edgeprune.prune import PruneConfig, run_prune
+
+    torch.set_num_threads(1)
+    outs = []
+    for stream in (False, True):
+        cfg = PruneConfig(method, 0.3, allocation=allocation, calib_samples=16, calib_len=32, stream=stream,
+                          reconstruct=recon)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReconstructionWarning)
+            run_prune(tiny_dir, tmp_path / f"s{int(stream)}", cfg, progress=False)
+        outs.append(tmp_path / f"s{int(stream)}")
+    sa, sb = load(outs[0]).state_dict(), load(outs[1]).state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    prov = json.loads((outs[1] / "config.json").read_text())["pruning"]["provenance"]
+    rec = prov["reconstruction"]
+    assert rec["mode"] == recon and rec["sequential"] == (recon == "lsq") and len(rec["layers"]) == 4
+    assert prov["stream"]["streamed"] and not prov["bias_compensation"]
+    if recon == "lsq":   # the refit actually happened somewhere, and never made a projection worse
+        assert any(m == "lsq" for l in rec["layers"] for m in l["modes"].values())
+        assert all(l["errors"][k] <= l["errors_none"][k] + 1e-9 for l in rec["layers"] for k in l["errors"])
+
+
+def test_obs_method_ranks_a_useless_group_last(one_thread):
+    from edgeprune import testing as T
+    from edgeprune.importance import Context, get_method
+
+    m = T.tiny_model("gqa", layers=2).eval()
+    lg_span = m.model.layers[0].self_attn.o_proj.in_features // (m.model.layers[0].self_attn.k_proj.out_features //
+                                                                 m.model.layers[0].self_attn.head_dim)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.o_proj.weight[:, lg_span:2 * lg_span] *= 1e-4   # KV group 1 barely matters
+        m.model.layers[1].mlp.down_proj.weight[:, 5] = 0                            # channel 5 is useless
+    ids = torch.randint(3, m.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
+    sc = get_method("obs").score(m, Context(model=m, calib_ids=ids, progress=False))
+    assert sc.standardized and len(sc.attn) == len(sc.mlp) == 2
+    assert int(sc.attn[0].argmin()) == 1 and int(sc.mlp[1].argmin()) == 5
+    assert all(torch.isfinite(t).all() and (t >= 0).all() for t in sc.attn + sc.mlp)
