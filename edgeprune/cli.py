@@ -203,9 +203,12 @@ def cmd_validate(a) -> int:
         tr = LocalTransport()
     elif t.startswith("ssh:"):
         host, _, port = t[4:].partition(":")
-        tr = SSHTransport(host, port=int(port or 22))
+        if not host or (port and not port.isdigit()):
+            raise EdgepruneError(f"--transport {t}: use ssh:USER@HOST or ssh:USER@HOST:PORT")
+        tr = SSHTransport(host, port=int(port or 22), key=a.ssh_key, known_hosts=a.ssh_known_hosts,
+                          **({"remote_dir": a.device_dir} if a.device_dir else {}))
     elif t == "adb" or t.startswith("adb:"):
-        tr = ADBTransport(t[4:] or None)
+        tr = ADBTransport(t[4:] or None, **({"remote_dir": a.device_dir} if a.device_dir else {}))
     else:
         raise EdgepruneError(f"--transport {t} unknown; use local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
     _guard_json(a, a.artifact)
@@ -300,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="push an artifact to a device and run the runtime's benchmark there")
     s.add_argument("artifact")
     s.add_argument("--transport", default="local", help="local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
+    s.add_argument("--device-dir", default=None, help="folder on the device for the run (default /tmp/edgeprune; "
+                   "a fresh sub-folder is used and removed afterwards)")
+    s.add_argument("--ssh-key", default=None, help="ssh: identity file (key authentication only)")
+    s.add_argument("--ssh-known-hosts", default=None, help="ssh: known_hosts file holding the device's host key")
     s.add_argument("--threads", type=int, default=4)
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_validate)
