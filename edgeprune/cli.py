@@ -52,10 +52,10 @@ def _guard_json(a, *inputs, outputs=()) -> None:
 def _write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
-    from .paths import atomic_file
+    from .paths import atomic_file, json_text
 
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json_text(obj, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ commands

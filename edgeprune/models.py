@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import EdgepruneError
+from .modelcheck import check_config, check_files_finite, check_finite, check_header_dtypes, check_vocab
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -154,17 +155,13 @@ def _read_config(path: Path) -> dict:
     if not isinstance(d, dict):
         raise EdgepruneError(f"{cfg_file} is not a JSON object; restore the model's config.json")
     d = restore_model_type(d)
+    check_config(d, cfg_file, keys=("architectures",))
     arch = (d.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
         raise EdgepruneError(
             f"{path}: architecture {arch or d.get('model_type') or 'unknown'!s} is not supported; "
             f"edgeprune handles {', '.join(SUPPORTED)}")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-        v = d.get(key)
-        if not isinstance(v, int) or v <= 0:
-            raise EdgepruneError(f"{cfg_file}: field '{key}' is missing or not a positive integer ({v!r}); "
-                                 "restore the model's config.json")
-    return d
+    return check_config(d, cfg_file)
 
 
 def restore_model_type(d: dict) -> dict:
@@ -252,6 +249,12 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     path = _resolve(model)
     d = _read_config(path)
     sd = _load_state_dict(path)
+    for k, t in sd.items():
+        if not t.is_floating_point() or t.dtype == torch.float64:
+            raise EdgepruneError(f"{path}: weight {k} has dtype {str(t.dtype).replace('torch.', '')}; edgeprune reads "
+                                 "float checkpoints (float32, float16, bfloat16): pass the original (not quantized) "
+                                 "weights")
+        check_finite(k, t, path)
     m, config = _meta_model(d)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if not tied and "lm_head.weight" not in sd:
@@ -321,6 +324,7 @@ def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
         raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights") from None
     if not isinstance(hdr, dict):
         raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights")
+    check_header_dtypes(f, hdr)
     try:
         tensors = {k: v for k, v in hdr.items() if k != "__metadata__"}
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
@@ -334,8 +338,9 @@ def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_model_dir(model: str | Path) -> Path:
-    """Cheap validation of a model directory without reading the weights: config, tokenizer files, safetensors
-    headers (complete files, shapes matching the config). Raises :class:`EdgepruneError`; returns the path."""
+    """Validation of a model directory before any work: config (:mod:`.modelcheck` table), tokenizer files,
+    safetensors headers (complete files, float dtypes, shapes matching the config), and every weight finite
+    (streamed one tensor at a time; once per folder state per process). Raises :class:`EdgepruneError`."""
     path = _resolve(model)
     d = _read_config(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -363,7 +368,14 @@ def check_model_dir(model: str | Path) -> Path:
         if k in got and tuple(t.shape) != got[k]:
             raise EdgepruneError(f"{path}: weight {k} has shape {got[k]} but config.json implies {tuple(t.shape)}; "
                                  "restore the config.json that came with these weights")
+    key = (str(path.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _CHECKED:   # streamed, one tensor at a time: never a second copy of the model in memory
+        check_files_finite(files)
+        _CHECKED.add(key)
     return path
+
+
+_CHECKED: set = set()   # model folders (path + file sizes/mtimes) whose weights were found finite in this process
 
 
 def _rebuild_buffers(model, config) -> None:
@@ -383,10 +395,13 @@ def load_tokenizer(model: str | Path):
         raise EdgepruneError(f"{path} has no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
                              "from the source model")
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise EdgepruneError(f"{path}: tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:100]}); restore the "
                              "tokenizer files from the source model") from None
+    if (path / "config.json").is_file():
+        check_vocab(tok, _read_config(path)["vocab_size"], path)
+    return tok
 
 
 # ----------------------------------------------------------------------------------------------- saving

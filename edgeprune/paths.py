@@ -354,3 +354,23 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def json_text(obj, **kw) -> str:
+    """``obj`` as strict JSON text (one home for every JSON edgeprune writes): NaN and ±Inf floats, which
+    ``json.dumps`` would write as bare ``NaN``/``Infinity`` (not JSON), become ``null``."""
+    import json
+    import math
+
+    def fin(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: fin(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [fin(v) for v in x]
+        return x
+
+    kw.setdefault("indent", 2)
+    kw.setdefault("default", str)
+    return json.dumps(fin(obj), allow_nan=False, **kw) + "\n"

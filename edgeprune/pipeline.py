@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BudgetError, EdgepruneError
-from .paths import atomic_dir, atomic_file, mark_ours, remove_stale_temps
+from .paths import atomic_dir, atomic_file, json_text, mark_ours, remove_stale_temps
 from .runstate import STAGES, RunState, stage_fingerprints  # noqa: F401  (one home, re-exported)
 
 
@@ -177,10 +177,10 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
                 r = getattr(e, "result", None)
                 if r is not None:
                     with atomic_file(out / "plan.json") as tmp:
-                        tmp.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+                        tmp.write_text(json_text(r.to_dict()))
                 raise
             with atomic_file(out / "plan.json") as tmp:
-                tmp.write_text(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+                tmp.write_text(json_text(res.to_dict()))
             print(planner.format_table(res))
             _log(res.explanation)
             st.mark("plan", {"quant": res.chosen.quant, "ratio": res.chosen.ratio, "explanation": res.explanation})
@@ -361,13 +361,13 @@ def _cmd_plan(a) -> int:
         r = getattr(e, "result", None)
         if r is not None and a.json:
             with atomic_file(a.json) as tmp:
-                tmp.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+                tmp.write_text(json_text(r.to_dict()))
         raise
     print(planner.format_table(res))
     print(res.explanation)
     if a.json:
         with atomic_file(a.json) as tmp:
-            tmp.write_text(json.dumps(res.to_dict(), indent=2, default=str) + "\n")
+            tmp.write_text(json_text(res.to_dict()))
     return 0
 
 

@@ -16,7 +16,7 @@ from .data import calibration_ids
 from .errors import EdgepruneError
 from .groups import model_groups
 from .importance import Context, get_method
-from .models import count_params, layer_shapes, load, load_tokenizer, save
+from .models import check_model_dir, count_params, layer_shapes, load, load_tokenizer, save
 from .paths import check_output_dir
 from .surgery import apply_plan
 
@@ -189,6 +189,7 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
     cfg.validate()
     get_method(cfg.method)  # fail fast on an unknown method, before loading anything
     check_output_dir(out, overwrite, inputs=(model_path,))  # and on an unusable --out, before reading the model
+    check_model_dir(model_path)   # the one model validator (config table, dtypes, finite weights), before work
     stream = cfg.stream
     if stream is None:   # automatic: only when the weights would not fit and the allocation can stream
         from .stream import should_stream

@@ -73,7 +73,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
 
     from . import planner
     from .models import _read_config, shapes_from_config
-    from .paths import atomic_file
+    from .paths import atomic_file, json_text
     from exporters.speed import measure_subprocess
 
     stages = state["stages"]
@@ -120,7 +120,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
                    "max_decode_ms_per_token": b.max_decode_ms_per_token}, quality)
     rep["plots"] = plots
     with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        tmp.write_text(json_text(rep))
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(_markdown(rep, profile))
     return rep

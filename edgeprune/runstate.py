@@ -21,7 +21,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from .errors import EdgepruneError
-from .paths import atomic_file
+from .paths import atomic_file, json_text
 
 STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 # RunConfig fields each stage depends on (beyond the model, profile and code, which the first stage covers)
@@ -150,4 +150,4 @@ class RunState:
 
     def _save(self) -> None:
         with atomic_file(self.path) as tmp:
-            tmp.write_text(json.dumps(self.d, indent=2, default=str) + "\n")
+            tmp.write_text(json_text(self.d))

@@ -194,8 +194,8 @@ def verify(artifact: str | Path, reference_dir: str | Path, profile=None, thread
         res["budgets"] = budgets(res, profile)
     res["seconds"] = round(time.time() - t0, 2)
     if json_out:
-        from edgeprune.paths import atomic_file
+        from edgeprune.paths import atomic_file, json_text
 
         with atomic_file(json_out) as tmp:
-            Path(tmp).write_text(json.dumps(res, indent=2) + "\n")
+            Path(tmp).write_text(json_text(res))
     return res

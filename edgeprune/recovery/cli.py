@@ -23,11 +23,11 @@ def cmd_finetune(a) -> int:
                    stop_after=a.stop_after, threads=a.threads, teacher=a.teacher, kd_weight=a.kd_weight,
                    kd_temperature=a.kd_temperature)
     if a.json:
-        from ..paths import atomic_file
+        from ..paths import atomic_file, json_text
         from dataclasses import asdict
 
         with atomic_file(a.json) as tmp:
-            tmp.write_text(json.dumps(asdict(res), indent=2, default=str) + "\n")
+            tmp.write_text(json_text(asdict(res)))
     if not res.complete:
         print(f"stopped after {res.steps} steps; checkpoint in {res.checkpoint_dir} (continue with --resume)")
     return 0

@@ -262,7 +262,7 @@ CASES = [
     C("export-tokenizer-not-gguf", lambda c: ["export", c.tiny(), "--format", "gguf", "--out", c.work / "m.gguf"],
       ("WordLevel", "SentencePiece")),
     C("export-odd-head-dim", lambda c: ["export", cached_model(c.root, "odd", lambda d: tiny_dir(d, hidden=60, heads=4, kv_heads=2)),
-                                        "--format", "gguf", "--out", c.work / "m.gguf"], ("head_dim 15", "even head_dim")),
+                                        "--format", "gguf", "--out", c.work / "m.gguf"], ("'head_dim'", "even integer", "15")),
     # ------------------------------------------------------------------ verify / eval / info / finetune / profiles
     C("verify-artifact-missing", lambda c: ["verify", c.work / "m.gguf", "--reference", c.tinyref()], ("m.gguf", "does not exist", "pass a .gguf")),
     C("verify-artifact-corrupt", lambda c: ["verify", c.file("m.gguf", b"GGUF" + os.urandom(256)), "--reference", c.tinyref()],
