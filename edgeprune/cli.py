@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import EdgepruneError
+from .errors import EdgepruneError, Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -199,19 +199,22 @@ def cmd_validate(a) -> int:
     from exporters.remote import ADBTransport, LocalTransport, SSHTransport, validate
 
     t = a.transport
+    if a.threads < 1 or a.threads > 1024:
+        raise EdgepruneError(f"--threads {a.threads} is out of range; use 1 to 1024")
+    if t.startswith("ssh:"):
+        host, _, port = t[4:].partition(":")
+        if not host or not (port or "22").isdigit() or not 1 <= int(port or 22) <= 65535:
+            raise EdgepruneError(f"--transport {t}: expected ssh:USER@HOST[:PORT] with PORT 1-65535")
+    _guard_json(a, a.artifact)
     if t == "local":
         tr = LocalTransport()
     elif t.startswith("ssh:"):
-        host, _, port = t[4:].partition(":")
-        if not host or (port and not port.isdigit()):
-            raise EdgepruneError(f"--transport {t}: use ssh:USER@HOST or ssh:USER@HOST:PORT")
         tr = SSHTransport(host, port=int(port or 22), key=a.ssh_key, known_hosts=a.ssh_known_hosts,
                           **({"remote_dir": a.device_dir} if a.device_dir else {}))
     elif t == "adb" or t.startswith("adb:"):
         tr = ADBTransport(t[4:] or None, **({"remote_dir": a.device_dir} if a.device_dir else {}))
     else:
         raise EdgepruneError(f"--transport {t} unknown; use local, ssh:USER@HOST[:PORT] or adb[:SERIAL]")
-    _guard_json(a, a.artifact)
     res = validate(a.artifact, tr, threads=a.threads).to_dict()
     print(json.dumps(res, indent=2))
     _write_json(a.json, res)
@@ -350,17 +353,50 @@ def _ignore_sigxfsz() -> None:
         pass
 
 
+def _on_signal(signum, frame):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)   # a second signal must not cut the cleanup short
+    raise Terminated(signum)
+
+
+def _handle_signals() -> dict:
+    """SIGTERM and SIGHUP behave like Ctrl-C (an exception unwinds every cleanup); returns the old handlers."""
+    old = {}
+    try:
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            old[s] = signal.getsignal(s)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGHUP, _on_signal)
+    except ValueError:  # not the main thread
+        pass
+    return old
+
+
 def main(argv: list[str] | None = None) -> int:
     _ignore_sigxfsz()
+    old = _handle_signals()
+    try:
+        return _main(argv)
+    finally:
+        from .paths import release_all_outputs
+
+        release_all_outputs()
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args) or 0
     except EdgepruneError as e:
         print(f"edgeprune: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("edgeprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"edgeprune: interrupted ({signal.Signals(signum).name}); partial outputs were removed",
+              file=sys.stderr)
+        return 128 + signum
     except MemoryError:
         print("edgeprune: error: out of memory; use a smaller model, fewer --calib-samples, or --stream", file=sys.stderr)
         return 1

@@ -12,3 +12,12 @@ class BudgetError(EdgepruneError):
     """A device budget cannot be met by any plan (exit code 3)."""
 
     exit_code = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP turned into an exception, so that every cleanup that runs on Ctrl-C (temp folders, the f32
+    export intermediate, locks) also runs when ``kill``, systemd or CI stop edgeprune; the CLI exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -41,7 +41,7 @@ MARKER = ".edgeprune-output"
 MARKER_TEXT = "written by edgeprune: its --overwrite may replace this folder\n"
 
 _GUARDED: dict[str, bool] = {}     # absolute output path -> whether it existed when guarded (this process)
-_LOCKS: dict[str, int] = {}        # absolute output path -> fd holding its flock (this process)
+_LOCKS: dict[str, tuple] = {}      # absolute output path -> (fd holding its flock, lock file) (this process)
 
 
 def guard_output(out: str | Path, *, kind: str = "dir", inputs=(), outputs=(), overwrite: bool = False,
@@ -136,7 +136,8 @@ def _lock_dir() -> Path:
 
 def _lock_output(p: Path, flag: str) -> None:
     """Exclusive ``flock`` on a lock file (under the system temp folder, keyed by the path) for ``p``, held by this
-    process until :func:`release_output` or exit; the kernel drops it when the process dies, even by ``kill -9``."""
+    process until :func:`release_output` (which deletes the file) or exit; the kernel drops it when the process
+    dies, even by ``kill -9`` (the file then stays, and the next writer of ``p`` reuses and deletes it)."""
     import fcntl
     import hashlib
 
@@ -144,26 +145,43 @@ def _lock_output(p: Path, flag: str) -> None:
     if key in _LOCKS:
         return
     f = _lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
-    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    for _ in range(50):
+        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EdgepruneError(f"{flag} {p} is being written by another edgeprune process (pid {pid}); wait for it "
+                                 "to finish or choose another path") from None
+        try:   # the holder before us may have deleted the file we locked: then lock the new one
+            same = os.fstat(fd).st_ino == os.stat(f).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _LOCKS[key] = (fd, f)
+            return
         os.close(fd)
-        raise EdgepruneError(f"{flag} {p} is being written by another edgeprune process (pid {pid}); wait for it to "
-                             "finish or choose another path") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _LOCKS[key] = fd
+    raise EdgepruneError(f"could not take the lock for {flag} {p}; retry")
 
 
 def release_output(out: str | Path) -> None:
-    """Drop this process's lock on ``out`` (after its write committed or failed)."""
+    """Drop this process's lock on ``out`` (after its write committed or failed) and delete the lock file."""
     key = str(Path(os.path.abspath(os.fspath(out))))
     _GUARDED.pop(key, None)
-    fd = _LOCKS.pop(key, None)
-    if fd is not None:
+    held = _LOCKS.pop(key, None)
+    if held is not None:
+        fd, f = held
+        Path(f).unlink(missing_ok=True)   # while still locked: a waiting opener re-checks the inode
         os.close(fd)
+
+
+def release_all_outputs() -> None:
+    """Every lock this process holds (the CLI calls this on its way out, whatever the outcome)."""
+    for key in list(_LOCKS):
+        release_output(key)
 
 
 def check_output_dir(out: str | Path, overwrite: bool, inputs: tuple[str | Path, ...] = (), **kw) -> Path:

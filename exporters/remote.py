@@ -51,6 +51,9 @@ class Transport:
     def run(self, cmd: str, timeout: float = 1800) -> tuple[int, str, str]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def cleanup(self) -> None:
+        """Remove what :meth:`push` left on this machine (the local scratch folder); called after every validate."""
+
     def _sh(self, argv: list[str], timeout: float) -> tuple[int, str, str]:
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -69,9 +72,14 @@ class LocalTransport(Transport):
     name = "local"
 
     def __init__(self, workdir: str | Path | None = None):
+        self._own = workdir is None   # a scratch folder we made is removed by cleanup(); a given one is kept
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgeprune-device-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = "localhost"
+
+    def cleanup(self) -> None:
+        if self._own:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def push(self, local: Path) -> str:
         dst = self.dir / Path(local).name
@@ -191,15 +199,22 @@ def validate(artifact: str | Path, transport: Transport, prompt: int = 128, gen:
     if not artifact.exists():
         raise EdgepruneError(f"artifact {artifact} does not exist; export it first (edgeprune export)")
     if isinstance(transport, LocalTransport):
-        remote = transport.push(artifact)
-        cmd = (f"{shlex.quote(sys.executable)} -m exporters.speed {shlex.quote(remote)} --threads {threads} "
-               f"--prompt {prompt} --gen {gen} --repeats 3")
-        rc, out, err = transport.run(cmd)
-        if rc:
-            raise EdgepruneError(f"benchmark failed on {transport.device}: {err.strip().splitlines()[-1] if err else rc}")
-        d = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-        return DeviceResult(transport.name, transport.device, d["prefill_tps"], d["decode_tps"], d["peak_rss_mb"], cmd)
+        try:
+            return _validate_local(artifact, transport, prompt, gen, threads)
+        finally:
+            transport.cleanup()   # the scratch copy of the artifact
     return _validate_on_device(artifact, transport, prompt, gen, threads, llama_bench)
+
+
+def _validate_local(artifact: Path, transport: "LocalTransport", prompt: int, gen: int, threads: int) -> DeviceResult:
+    remote = transport.push(artifact)
+    cmd = (f"{shlex.quote(sys.executable)} -m exporters.speed {shlex.quote(remote)} --threads {threads} "
+           f"--prompt {prompt} --gen {gen} --repeats 3")
+    rc, out, err = transport.run(cmd)
+    if rc:
+        raise EdgepruneError(f"benchmark failed on {transport.device}: {err.strip().splitlines()[-1] if err else rc}")
+    d = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    return DeviceResult(transport.name, transport.device, d["prefill_tps"], d["decode_tps"], d["peak_rss_mb"], cmd)
 
 
 def _size_mb(path: Path) -> float:

@@ -44,7 +44,7 @@ import torch
 from .. import __version__
 from ..errors import EdgepruneError
 from ..models import _read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
-from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours
+from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours, remove_stale_temps
 from .stream import TokenStream
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -362,6 +362,7 @@ def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, d
     ckpt_dir = guard_output(out.with_name(out.name + ".ckpt"), kind="dir", inputs=ins, overwrite=True, adopt=True,
                             flag="checkpoint folder")
     ckpt_file = ckpt_dir / "state.pt"
+    remove_stale_temps(ckpt_dir)   # a checkpoint save killed mid-write (we hold the folder's lock)
     if ckpt_dir.is_dir() and not ckpt_file.is_file() and not any(f.name != MARKER for f in ckpt_dir.iterdir()):
         shutil.rmtree(ckpt_dir)   # a first checkpoint save that failed left only the empty folder: no checkpoint
     if resume and not ckpt_file.is_file():

@@ -56,6 +56,13 @@ def _child(req: dict) -> None:
         os.setgroups([])
         os.setgid(req["uid"])
         os.setuid(req["uid"])
+    import tempfile
+
+    tempfile.tempdir = None   # honour a TMPDIR given in env (the server may have computed its own already)
+    if req.get("pidfile"):
+        with open(req["pidfile"] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(req["pidfile"] + ".tmp", req["pidfile"])
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(int(req.get("timeout", 300)))
     from edgeprune.cli import main

@@ -42,12 +42,15 @@ class ForkServer:
             raise RuntimeError(f"fork server did not start: {(self.workdir / 'server.log').read_text()[-2000:]}")
 
     def run(self, *argv, env: dict | None = None, cwd=None, fsize: int | None = None, uid: int | None = None,
-            timeout: int = 300) -> Result:
+            timeout: int = 300, pidfile: Path | None = None) -> Result:
+        """Run the CLI in a forked child and wait for it; ``pidfile``: the child writes its pid there first (so
+        another thread can signal it)."""
         with self.lock:
             self.n += 1
             so, se = self.workdir / f"{self.n}.out", self.workdir / f"{self.n}.err"
             req = {"argv": [str(a) for a in argv], "env": env or {}, "cwd": str(cwd) if cwd else None,
-                   "fsize": fsize, "uid": uid, "timeout": timeout, "stdout": str(so), "stderr": str(se)}
+                   "fsize": fsize, "uid": uid, "timeout": timeout, "stdout": str(so), "stderr": str(se),
+                   "pidfile": str(pidfile) if pidfile else None}
             self.proc.stdin.write(json.dumps(req) + "\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
