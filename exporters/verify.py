@@ -10,6 +10,8 @@
   logits (default KV cache, as deployed) and by PyTorch on the same token ids; ``delta_pct = 100·(rt/pt − 1)``.
 * **speed / memory** — :mod:`exporters.speed` in a separate process (load time, prefill and decode tokens/s,
   TTFT, peak RSS).
+* **stock runtimes** — :mod:`exporters.stock_runtimes`: optimum and onnxruntime-genai (ONNX), llama-cpp-python's
+  chat completion and OpenAI-compatible server (GGUF): loaded or not, greedy output equal to PyTorch's or not.
 * **budgets** — with a profile, PASS/FAIL for each budget it sets (memory MB, decode ms/token, file MB).
 """
 from __future__ import annotations
@@ -149,7 +151,8 @@ def budgets(result: dict, profile) -> dict:
 
 def verify(artifact: str | Path, reference_dir: str | Path, profile=None, threads: int = 2,
            json_out: str | Path | None = None, max_chunks: int | None = None, seq_len: int = 128,
-           dataset: str = "wikitext2", speed: bool = True, ppl: bool = True, greedy_tokens: int = 32) -> dict:
+           dataset: str = "wikitext2", speed: bool = True, ppl: bool = True, greedy_tokens: int = 32,
+           stock: bool = True) -> dict:
     """Parity, runtime perplexity beside PyTorch's, and speed/memory of ``artifact``; returns (and optionally
     writes) a nested dict with ``parity.*``, ``ppl.*``, ``speed.*``, ``memory.*``, ``file_mb``."""
     import torch
@@ -174,6 +177,10 @@ def verify(artifact: str | Path, reference_dir: str | Path, profile=None, thread
     kv_par = "f32" if is_gguf else "model"
     rt = _runtime(artifact, threads, "f32", n_ctx=max(256, seq_len + greedy_tokens + 64))
     res["parity"] = asdict(parity(rt, model, tok, greedy_tokens=greedy_tokens, kv=kv_par))
+    if stock:   # which stock runtimes load it, and whether their greedy output matches (exporters.stock_runtimes)
+        from .stock_runtimes import stock_checks
+
+        res["stock_runtimes"] = stock_checks(artifact, model, tok, greedy_tokens)
     if ppl:
         ids = eval_ids(tok, dataset)
         res["tokenizer"] = tokenizer_check(rt, tok, list(PROMPTS) + [tok.decode(ids[1:200])])

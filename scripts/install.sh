@@ -19,3 +19,5 @@ if ! python -c 'import llama_cpp' 2>/dev/null; then
   echo "building llama-cpp-python from source (4-6 minutes the first time; cached afterwards)" >&2
   python -m pip install -q 'llama-cpp-python==0.3.36' --no-binary llama-cpp-python
 fi
+# the OpenAI-compatible server's dependencies (verify checks the GGUF through it; skipped when absent)
+python -m pip install -q 'llama-cpp-python[server]==0.3.36' --no-binary llama-cpp-python

@@ -64,6 +64,12 @@ def test_genai_runs_per_layer_kv(gqa):
     assert len(set(s["kv_heads"])) > 1 and any("optimum cannot load" in n for n in s["notes"])
     ids = prompt_ids(m.config.vocab_size, 12, seed=1)
     assert _genai_greedy(s["path"], ids, N) == hf_greedy(m, ids, N)
+    from edgeprune.models import load_tokenizer
+    from exporters.stock_runtimes import stock_checks
+
+    recs = {r["runtime"]: r for r in stock_checks(s["path"], m, load_tokenizer(d), tokens=8)}
+    assert not recs["optimum"]["loaded"] and recs["optimum"]["detail"]          # optimum's own refusal, reported
+    assert recs["onnxruntime-genai"]["loaded"] and recs["onnxruntime-genai"]["greedy_match"]
 
 
 def test_qwen2_bias_tied_and_empty_layers(tmp_path):

@@ -73,3 +73,22 @@ def test_per_layer_kv_is_refused_for_optimum(tmp_path):
     r = run_cli("export", d, "--format", "onnx", "--target", "optimum", "--out", tmp_path / "o")
     assert r.returncode == 2 and "uniform_kv" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_verify_reports_stock_runtimes_for_onnx(uniform_kv):
+    """verify's per-artifact record: both stock runtimes loaded the folder and matched PyTorch's greedy tokens."""
+    from edgeprune.models import load_tokenizer
+    from exporters.stock_runtimes import stock_checks
+
+    m, d, out, _ = uniform_kv
+    recs = {r["runtime"]: r for r in stock_checks(out, m, load_tokenizer(d), tokens=N)}
+    assert recs["optimum"]["loaded"] and recs["optimum"]["greedy_match"], recs
+    assert recs["onnxruntime-genai"]["loaded"] and recs["onnxruntime-genai"]["greedy_match"], recs
+
+
+def test_readme_onnx_snippets(uniform_kv):
+    """The README's optimum and onnxruntime-genai snippets, as written, on this export."""
+    from test_readme_snippets import run_snippet
+
+    run_snippet("optimum", uniform_kv[2])
+    run_snippet("onnxruntime-genai", uniform_kv[2])
