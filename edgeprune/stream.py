@@ -290,6 +290,8 @@ class LayerView(nn.Module):
     forward is the block-local LM: rows of the calibration ids → the layer's stored input hidden states →
     ``lm_head(norm(layer(h)))`` (logit-lens loss; see the module docstring)."""
 
+    prefix_rows_only = True   # its forward accepts prefixes of the calibration rows only (the stored hidden states)
+
     def __init__(self, config, layer: nn.Module, skel: Skeleton | None = None, hs: list[torch.Tensor] | None = None,
                  kwargs: dict | None = None, ids: torch.Tensor | None = None):
         super().__init__()

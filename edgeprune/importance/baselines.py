@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Context, Method, Scores, per_channel, per_kv_group, register
-from .taylor import KINDS, backward_grads, group_taylor
+from .taylor import GQA_FOLDS, KINDS, backward_grads, gradient_windows, group_taylor
 from ..models import decoder_layers
 
 
@@ -86,12 +86,25 @@ class FLAP(Method):
                       info={"metric": metric})
 
 
+def _flag(v, name: str) -> bool:
+    """A boolean option given as a bool or as true/false/1/0 text (``--opt name=true``)."""
+    if isinstance(v, bool) or v in (0, 1):
+        return bool(v)
+    if str(v).lower() in ("true", "false", "1", "0", "yes", "no"):
+        return str(v).lower() in ("true", "1", "yes")
+    raise ValueError(f"option {name}={v!r} is not a boolean; use true or false")
+
+
 @register("llm-pruner")
 class LLMPruner(Method):
     """LLM-Pruner: first-order / approximate second-order Taylor importance from one backward pass of the LM
     loss on the calibration batch; option ``taylor`` in vectorize | param_first (default) | param_second |
     param_mix; ``sum`` aggregation over group members. Default allocation: uniform with its skipped layers
-    (first 4 and last 2 of 32, scaled to the model's depth)."""
+    (first 4 and last 2 of 32, scaled to the model's depth).
+
+    The batch is ``grad_samples`` (10) windows of ``grad_len`` (64) text tokens without the leading BOS, as the
+    official ``get_examples`` draws them (``grad_bos=true`` keeps BOS); ``gqa_fold`` heads (default) | official,
+    see :mod:`.taylor`. The official code's choices and what they change: benchmarks/llm_pruner_fidelity.md."""
 
     default_allocation = "uniform"
     needs_gradients = True
@@ -100,10 +113,17 @@ class LLMPruner(Method):
         kind = ctx.opt("taylor", "param_first")
         if kind not in KINDS:
             raise ValueError(f"taylor kind {kind} unknown; use one of {KINDS}")
-        ids = ctx.calib_ids[: int(ctx.opt("grad_samples", 10)), : int(ctx.opt("grad_len", 64))]
+        fold, keep_bos = ctx.opt("gqa_fold", "heads"), _flag(ctx.opt("grad_bos", False), "grad_bos")
+        # a streamed block-local view runs stored row prefixes only, so there the windows keep their BOS
+        keep_bos = keep_bos or getattr(model, "prefix_rows_only", False)
+        if fold not in GQA_FOLDS:
+            raise ValueError(f"gqa_fold {fold} unknown; use one of {GQA_FOLDS}")
+        ids = gradient_windows(ctx.calib_ids, int(ctx.opt("grad_samples", 10)), int(ctx.opt("grad_len", 64)),
+                               getattr(model.config, "bos_token_id", None), keep_bos)
         grads, fisher = backward_grads(model, ids, batch_size=1, fisher=kind in ("param_second", "param_mix"))
         attn, mlp = group_taylor(model, ctx.groups, lambda i, p: grads[(i, p)],
-                                 (lambda i, p: fisher[(i, p)]) if fisher else None, kind)
+                                 (lambda i, p: fisher[(i, p)]) if fisher else None, kind, fold)
         L = len(ctx.groups)
         return Scores(attn, mlp, info={"taylor": kind, "grad_samples": int(ids.shape[0]), "grad_len": int(ids.shape[1]),
+                                       "grad_bos": keep_bos, "gqa_fold": fold,
                                        "skip_default": [round(4 * L / 32 + 0.49), round(2 * L / 32 + 0.49)]})

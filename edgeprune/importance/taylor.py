@@ -9,6 +9,21 @@ For a member weight ``W`` of a group with gradient ``g = ∂L/∂W`` (and diagon
 
 Group score = sum over members (q/k/v rows and o columns of a KV group; gate/up rows and the down column of a
 channel) — LLM-Pruner's default ``sum`` aggregation.
+
+GQA coupling (``gqa_fold``). A KV group ``h`` serves query heads ``h·r … h·r + r − 1`` (``r = n_rep``; HF's
+``repeat_kv``), and those are the heads removed with it — in edgeprune and in the official code alike (its expand
+index mapping sends KV channel ``i`` to query channels ``r·i … r·i + r − 1``). The official ``llama3.py`` path
+(``TaylorImportance`` in ``LLMPruner/pruner/hf_llama_pruner.py``) *scores* the group differently: it folds a
+member's per-channel salience of length ``n_q·d`` onto the ``n_kv·d`` KV channels by
+``view(r, n_kv·d).sum(0)``, so KV head ``h`` is credited with query heads ``h, h + n_kv, h + 2·n_kv, …``.
+``heads`` (default) scores the heads that are removed; ``official`` reproduces the official fold (read from the
+code, reimplemented here) so that its selections can be matched exactly (see benchmarks/llm_pruner_fidelity.md).
+With ``r = 1`` both are the same.
+
+Calibration windows (:func:`gradient_windows`). The official code draws ``num_examples`` windows of ``seq_len``
+tokens at random offsets inside tokenized documents (``get_examples``), so a window begins mid-text, without BOS
+(unless it happens to start at offset 0); edgeprune's calibration rows all begin with BOS, which
+``gradient_windows`` drops by default.
 """
 from __future__ import annotations
 
@@ -20,6 +35,7 @@ from ..groups import LayerGroups
 from ..models import decoder_layers
 
 KINDS = ("vectorize", "param_first", "param_second", "param_mix")
+GQA_FOLDS = ("heads", "official")
 # (module path inside the layer, channel dim, which group kind, span key)
 MEMBERS = (("self_attn.q_proj", 0, "attn", "q"), ("self_attn.k_proj", 0, "attn", "kv"),
            ("self_attn.v_proj", 0, "attn", "kv"), ("self_attn.o_proj", 1, "attn", "q"),
@@ -48,9 +64,36 @@ def salience(w: torch.Tensor, g: torch.Tensor | None, fisher: torch.Tensor | Non
     raise ValueError(f"unknown Taylor kind {kind}; use one of {KINDS}")
 
 
+def kv_group_sum(s: torch.Tensor, lg: LayerGroups, span: str, gqa_fold: str = "heads") -> torch.Tensor:
+    """Sum a member's per-channel salience ``s`` into its ``n_kv`` attention groups.
+
+    ``span`` ``kv`` (k/v rows, ``n_kv·d`` channels): group h takes channels ``h·d … (h+1)·d − 1``. ``span`` ``q``
+    (q rows / o columns, ``n_q·d`` channels): ``heads`` gives group h the channels of query heads ``h·r … h·r+r−1``
+    (``s.reshape(n_kv, r·d).sum(1)``); ``official`` first folds ``s`` as ``s.view(r, n_kv·d).sum(0)`` (the official
+    llama3.py reduction), i.e. query heads ``h, h+n_kv, …``."""
+    if gqa_fold not in GQA_FOLDS:
+        raise ValueError(f"unknown gqa_fold {gqa_fold}; use one of {GQA_FOLDS}")
+    if span == "q" and gqa_fold == "official":
+        s = s.reshape(-1, lg.n_kv * lg.head_dim).sum(0)
+    return s.reshape(lg.n_kv, -1).sum(1)
+
+
+def gradient_windows(ids: torch.Tensor, n: int, length: int, bos_id: int | None, keep_bos: bool = False) -> torch.Tensor:
+    """The first ``n`` calibration rows cut to ``length`` tokens, for the Taylor backward pass.
+
+    With ``keep_bos`` false and every row starting with ``bos_id``, the BOS column is dropped first: the windows are
+    then ``length`` consecutive text tokens from a random offset inside a document, as the official
+    ``get_examples`` draws them; otherwise ``ids[:n, :length]``. Fewer tokens are returned if the rows are short."""
+    ids = ids[:n]
+    if not keep_bos and bos_id is not None and ids.shape[1] > 1 and bool((ids[:, 0] == bos_id).all()):
+        ids = ids[:, 1:]
+    return ids[:, :length]
+
+
 def group_taylor(model, groups: list[LayerGroups], grad: Callable[[int, str], torch.Tensor],
-                 fisher: Callable[[int, str], torch.Tensor] | None, kind: str):
-    """Per-layer (attn [n_kv], mlp [n_ff]) Taylor scores. ``grad(i, member_path)`` returns ∂L/∂W of that member."""
+                 fisher: Callable[[int, str], torch.Tensor] | None, kind: str, gqa_fold: str = "heads"):
+    """Per-layer (attn [n_kv], mlp [n_ff]) Taylor scores. ``grad(i, member_path)`` returns ∂L/∂W of that member;
+    ``gqa_fold`` says how q/o channels are credited to KV groups (:func:`kv_group_sum`)."""
     attn, mlp = [], []
     for i, (layer, lg) in enumerate(zip(decoder_layers(model), groups)):
         a = torch.zeros(lg.n_kv, dtype=torch.float64)
@@ -61,7 +104,7 @@ def group_taylor(model, groups: list[LayerGroups], grad: Callable[[int, str], to
                          fisher(i, path) if fisher is not None and kind in ("param_second", "param_mix") else None,
                          kind, dim)
             if which == "attn":
-                a += s.reshape(lg.n_kv, -1).sum(1)
+                a += kv_group_sum(s, lg, span, gqa_fold)
             else:
                 c += s
         attn.append(a)
