@@ -37,7 +37,7 @@ def test_allocators_honour_uniform_kv_and_uniform_shapes(allocation, ref_model_d
         assert len({s.num_key_value_heads for s in got[()]}) > 1 or len({s.intermediate_size for s in got[()]}) > 1
 
 
-def _profile(tmp_path, runtime: str, extra: str = "") -> str:
+def _profile(tmp_path, runtime: str, extra: str = "", memory_mb: float = 2048) -> str:
     p = tmp_path / f"{runtime}.yaml"
     p.write_text(f"""name: test-{runtime}
 class: phone
@@ -57,7 +57,7 @@ device:
   per_token_overhead_ms: {{value: 1, source: "estimated: test"}}
   per_layer_overhead_ms: {{value: 0.1, source: "estimated: test"}}
 budgets:
-  max_memory_mb: 2048
+  max_memory_mb: {memory_mb}
   max_decode_ms_per_token: 1000
 """)
     return str(p)
@@ -77,22 +77,25 @@ def test_profiles_say_what_their_runtime_needs(tmp_path):
 
 
 def test_run_on_genai_profile_ships_a_genai_folder(tmp_path, ref_model_dir):
+    """A budget (13.4 MB; the dense model is predicted at 13.75 MB) that forces pruning: the run prunes with the
+    profile's uniform_kv and ships an ONNX folder that onnxruntime_genai.Model loads on its own."""
     og = pytest.importorskip("onnxruntime_genai")
-    from edgeprune.models import save
-
     import shutil
 
-    from edgeprune.models import TOKENIZER_FILES
+    from edgeprune.models import TOKENIZER_FILES, save
 
     model = tmp_path / "m"
-    save(tiny_model("gqa", vocab=4096, hidden=64, heads=4, ffn=96, layers=2), model)
+    save(tiny_model("gqa", vocab=4096, hidden=64, heads=4, ffn=256, layers=4), model)
     for f in TOKENIZER_FILES:
         if (ref_model_dir / f).is_file():
             shutil.copy(ref_model_dir / f, model / f)
     out = tmp_path / "run"
-    r = run_cli("run", model, "--profile", _profile(tmp_path, "onnxruntime-genai", "uniform_kv: true"), "--out", out,
-                "--no-host-calibration", "--ppl-chunks", "2", "--calib-samples", "4")
+    prof = _profile(tmp_path, "onnxruntime-genai", "uniform_kv: true", memory_mb=13.4)
+    r = run_cli("run", model, "--profile", prof, "--out", out, "--no-host-calibration", "--ppl-chunks", "2",
+                "--calib-samples", "4")
     assert r.returncode == 0, r.stderr[-2000:]
+    per_layer = json.loads((out / "pruned" / "config.json").read_text())["pruning"]["per_layer"]
+    assert len({s["num_key_value_heads"] for s in per_layer}) == 1 and per_layer[0]["intermediate_size"] < 256
     folders = [p for p in out.iterdir() if p.is_dir() and (p / "genai_config.json").is_file()]
     assert len(folders) == 1, sorted(p.name for p in out.iterdir())
     m = og.Model(str(folders[0]))                     # the folder alone: config, graph, tokenizer
