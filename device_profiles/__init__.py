@@ -5,7 +5,10 @@ A profile is a YAML file (``device_profiles/<name>.yaml`` or any path)::
     name: pixel-8
     class: phone                      # phone | laptop | sbc | desktop
     description: ...
-    runtime: llama.cpp                # llama.cpp | onnxruntime
+    runtime: llama.cpp                # llama.cpp | onnxruntime | onnxruntime-genai | optimum (the last two: ONNX,
+                                      # exported for that app runtime; modelled as onnxruntime)
+    uniform_kv: false                 # optional: the runtime needs the same KV heads in every layer (optimum: must be
+                                      # true); uniform_shapes: true asks for every layer the same shape
     allowed_quants: [q8_0, q4_k_m]    # llama.cpp: f32 f16 q8_0 q6_k q5_k_m q4_k_m; onnxruntime: fp32 fp16 int8
     context_length: 2048
     device:                           # every figure is {value: X, source: "..."}; source "estimated: why" if not sourced

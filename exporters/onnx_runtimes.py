@@ -8,7 +8,8 @@ Found by trying (optimum 2.1 / optimum-onnx 0.1, onnxruntime-genai 0.18, see tes
   ``[batch, config.num_key_value_heads, 0, hidden_size // num_attention_heads]`` (``modeling_decoder.py``; only
   gemma/nemotron read ``head_dim``). It needs one KV-head count for all layers, the graph's I/O names
   (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` -> ``logits``,
-  ``present.{i}.key/value``, which our exporter already uses) and ``use_cache``. After head pruning
+  ``present.{i}.key/value``, which our exporter already uses) and ``use_cache``; ``use_io_binding`` True or
+  False gives the same tokens (its preallocated outputs use the same two config fields). After head pruning
   ``hidden_size // num_attention_heads`` is not the head size (256 // 6 = 42, not 32), and no true value of either
   field gives it. The folder's config.json therefore writes ``num_attention_heads = hidden_size // head_dim``
   (what optimum divides by) and says so in the export notes; the true per-layer counts stay in
