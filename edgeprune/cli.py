@@ -65,6 +65,11 @@ def cmd_prune(a) -> int:
     from .paths import guard_output
 
     guard_output(a.out, kind="dir", inputs=(a.model, _input_path(a.calib)), overwrite=a.overwrite)
+    if a.target_format:   # what that format cannot compute, refused before any work
+        from exporters.features import check_dir
+
+        check_dir(a.model, a.target_format, a.max_context)
+
     cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
@@ -130,13 +135,30 @@ def model_info(model) -> dict:
             "layers": layers}
 
 
+def export_support(model) -> dict:
+    """Per export format: exact, or the features it approximates / cannot compute (exporters.features table)."""
+    from exporters.features import summary
+
+    from .models import _read_config, _resolve
+
+    sm = summary(_read_config(_resolve(model)))
+    lines = {}
+    for fmt in sm["exportable"]:
+        bad = [f"{r['feature']} {r['value']}: {r[fmt]}" for r in sm["features"] if not r[fmt].startswith("exact")]
+        lines[fmt] = "exact" if not bad else "; ".join(bad)
+    return {**sm, "lines": lines}
+
+
 def cmd_info(a) -> int:
     from .models import load
 
     _guard_json(a, a.model)
     info = model_info(load(a.model))
+    info["export"] = export_support(a.model)
     print(f"{info['architecture']}: {info['total_params']:,} parameters, {info['non_embedding_params']:,} non-embedding")
     print("bytes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in info["bytes"].items()))
+    for fmt, line in info["export"]["lines"].items():
+        print(f"export {fmt}: {line}")
     print("| layer | q heads | kv heads | mlp | params |\n|---|---|---|---|---|")
     for r in info["layers"]:
         print(f"| {r['layer']} | {r['num_attention_heads']} | {r['num_key_value_heads']} | {r['intermediate_size']} | "
@@ -151,12 +173,22 @@ def cmd_export(a) -> int:
     from .paths import guard_output
 
     guard_output(a.out, kind="file" if a.format == "gguf" else "dir", inputs=(a.model,), overwrite=a.overwrite)
-    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype, target=a.target)
+    if a.max_context is not None and a.max_context < 1:
+        raise EdgepruneError(f"--max-context {a.max_context} must be >= 1 (the longest context you will run)")
+    summary = exporters.export(a.model, a.format, a.out, quant=a.quant, dtype=a.dtype, target=a.target,
+                               max_context=a.max_context)
     print(json.dumps(summary, indent=2, default=str))
-    note = fallback_note(summary)
-    if note:
+    for note in export_notes(summary):
         print(f"edgeprune: note: {note}", file=sys.stderr)
     return 0
+
+
+def export_notes(summary: dict) -> list[str]:
+    """Every note an export leaves (approximations accepted, padded layers, quantization fallbacks), for stderr."""
+    notes = [f"approximation accepted: {n}" for n in summary.get("approximations") or []]
+    notes += [n for n in summary.get("notes") or [] if n not in (summary.get("approximations") or [])]
+    fb = fallback_note(summary)
+    return notes + ([fb] if fb else [])
 
 
 def fallback_note(summary: dict) -> str | None:
@@ -186,12 +218,38 @@ def cmd_verify(a) -> int:
         load_profile(a.profile)
     if a.threads is not None and a.threads < 1:
         raise EdgepruneError(f"--threads {a.threads} must be >= 1")
-    if a.ppl_chunks is not None and a.ppl_chunks < 1:
-        raise EdgepruneError(f"--ppl-chunks {a.ppl_chunks} must be >= 1 (leave it out for all chunks)")
+    chunks = _ppl_chunks(a.ppl_chunks)
     _guard_json(a, a.artifact, a.reference, _input_path(a.profile))
     res = verify(a.artifact, a.reference, profile=a.profile, threads=a.threads or 2, json_out=a.json,
-                 max_chunks=a.ppl_chunks)
+                 ppl_chunks=chunks, progress=not a.quiet)
     print(json.dumps(res, indent=2, default=str))
+    return verify_exit(res)
+
+
+def _ppl_chunks(v: str) -> int | None:
+    """``--ppl-chunks``: a positive number of randomly sampled chunks, or ``all`` (None: the whole text)."""
+    if v == "all":
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise EdgepruneError(f"--ppl-chunks {v} must be a number >= 1 or 'all' (the whole text)")
+    return n
+
+
+def verify_exit(res: dict) -> int:
+    """Exit code of ``verify``: PARITY_FAIL_EXIT when parity failed (approximations and the verdict on stderr)."""
+    from .errors import PARITY_FAIL_EXIT
+
+    for n in res.get("approximations") or []:
+        print(f"edgeprune: note: approximation in this artifact: {n}", file=sys.stderr)
+    v = res.get("parity_verdict") or {}
+    if v.get("verdict") == "FAIL":
+        print(f"edgeprune: parity FAIL ({v['quant']} thresholds): {'; '.join(v['failed'])}; the artifact does not "
+              "compute the reference model's function (docs/troubleshooting.md, 'parity FAIL')", file=sys.stderr)
+        return PARITY_FAIL_EXIT
     return 0
 
 
@@ -223,6 +281,8 @@ def cmd_validate(a) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    from exporters.ppl import DEFAULT_CHUNKS as DEFAULT_PPL_CHUNKS
+
     from .allocation import ALLOCATORS
 
     p = _Parser(prog="edgeprune", description="Structured pruning of LLaMA-family models for edge devices")
@@ -259,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-map", default=None, help="'auto': spread the model over several GPUs (accelerate)")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run self-pruner fitness evaluations on this Ray cluster ('local' starts one)")
+    s.add_argument("--target-format", choices=["gguf", "onnx"], default=None,
+                   help="refuse up front a model that format cannot compute exactly (see edgeprune info)")
+    s.add_argument("--max-context", type=int, default=None, help="with --target-format: see export --max-context")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
@@ -290,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: the runtime that must load the folder; optimum needs the same KV heads in every "
                         "layer, genai (onnxruntime-genai) and edgeprune (default) take per-layer shapes; the folder "
                         "always holds config.json and genai_config.json")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="the longest context you will run; accepts a format that is exact only up to it "
+                        "(e.g. a sliding window llama.cpp does not apply, when N <= the window)")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_export)
@@ -299,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", required=True, help="the PyTorch model directory it was exported from")
     s.add_argument("--profile", default=None)
     s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--ppl-chunks", type=int, default=None, help="limit runtime perplexity to N chunks")
+    s.add_argument("--ppl-chunks", default=str(DEFAULT_PPL_CHUNKS),
+                   help=f"perplexity on N randomly sampled 128-token chunks, with a 95%% interval (default "
+                        f"{DEFAULT_PPL_CHUNKS}), or 'all' for the whole text")
     s.add_argument("--json", default=None)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("validate", help="push an artifact to a device and run the runtime's benchmark there")

@@ -21,3 +21,8 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+PARITY_FAIL_EXIT = 4
+"""``edgeprune verify``: the artifact does not compute the reference model's function within its quant's
+thresholds (the full report is still printed on stdout)."""

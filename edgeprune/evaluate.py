@@ -30,18 +30,23 @@ def chunk_ids(ids: torch.Tensor, seq_len: int, max_chunks: int | None = None) ->
 @torch.no_grad()
 def perplexity_ids(model, ids: torch.Tensor, seq_len: int = 128, batch_size: int = 32, max_chunks: int | None = None,
                    progress: bool = False) -> float:
+    return math.exp(chunk_nll(model, chunk_ids(ids, seq_len, max_chunks), batch_size, progress).mean().item())
+
+
+@torch.no_grad()
+def chunk_nll(model, chunks: torch.Tensor, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+    """Mean NLL of each chunk ([n, T] token ids) over its positions, float64 [n]."""
     from tqdm import tqdm
 
-    chunks = chunk_ids(ids, seq_len, max_chunks)
     n = chunks.shape[0]
     losses = []
-    for b in tqdm(range(0, n, batch_size), desc="ppl", disable=not progress, leave=False):
+    for b in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", disable=not progress, leave=False):
         x = chunks[b:b + batch_size]
         logits = model(x, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                                 reduction="none").view(x.shape[0], -1)
         losses.append(nll.mean(1).double())
-    return math.exp(torch.cat(losses).mean().item())
+    return torch.cat(losses)
 
 
 def perplexity(model, tokenizer, dataset: str, seq_len: int = 128, max_chunks: int | None = None,

@@ -39,6 +39,7 @@ class RunConfig:
     margin_pct: float = 2.0
     calibrate_host: bool = True
     overwrite: bool = False           # allow a non-empty folder edgeprune did not make as --out
+    max_context: int | None = None    # accepts a format that is exact only up to this context (exporters.features)
     extra: dict = field(default_factory=dict)
 
 
@@ -119,6 +120,9 @@ def run(cfg: RunConfig) -> dict:
     if fmt != _fmt_for(profile):
         raise EdgepruneError(f"--format {fmt} does not match profile {profile.name}'s runtime {profile.runtime}; "
                              "drop --format or pick a profile for that runtime")
+    from exporters.features import check_dir
+
+    check_dir(src, fmt, cfg.max_context)   # what the target format cannot compute, refused before any work
     if cfg.finetune not in ("none", "groupwise", "lora"):
         raise EdgepruneError(f"--finetune {cfg.finetune} unknown; use none, groupwise or lora")
     if cfg.calib_samples < 1:
@@ -232,7 +236,8 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
 
             if art.exists():
                 shutil.rmtree(art) if art.is_dir() else art.unlink()
-            summ = exporters.export(str(model_dir), fmt, str(art), **_export_kwargs(fmt, plan["quant"], profile))
+            summ = exporters.export(str(model_dir), fmt, str(art), max_context=cfg.max_context,
+                                    **_export_kwargs(fmt, plan["quant"], profile))
             st.mark("export", {"artifact": art.name, "summary": summ})
 
         # 6. verify (runtime vs PyTorch; speed/memory in a subprocess at the profile's context length)
@@ -279,7 +284,7 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
         save(half, tmp / "half", tokenizer_src=src, provenance={"purpose": "host calibration"})
         for name, d in (("dense", src), ("half", tmp / "half")):
             art = tmp / f"{name}-{q}.gguf"
-            exporters.export(str(d), "gguf", str(art), quant=q)
+            exporters.export(str(d), "gguf", str(art), quant=q, max_context=cfg.max_context)
             m = _best(measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length, gen=64, repeats=5))
             measured.append({"model": name, "quant": q, **m})
             runs.append(planner.HostRun(str(d), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
@@ -331,6 +336,8 @@ def add_parsers(sub) -> None:
     s.add_argument("--mlp-multiple", type=int, default=32)
     s.add_argument("--ppl-chunks", type=int, default=200, help="chunks for runtime/PyTorch perplexity (0: all)")
     s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--max-context", type=int, default=None,
+                   help="the longest context you will run; accepts a format exact only up to it (see export)")
     s.add_argument("--no-host-calibration", action="store_true")
     s.add_argument("--overwrite", action="store_true",
                    help="allow --out to be a non-empty folder edgeprune did not create (its files are kept)")
@@ -375,7 +382,8 @@ def _cmd_run(a) -> int:
     cfg = RunConfig(model=a.model, profile=a.profile, out=a.out, method=a.method, allocation=a.allocation,
                     finetune=a.finetune, finetune_minutes=a.finetune_minutes, format=a.format,
                     calib_samples=a.calib_samples, seed=a.seed, mlp_multiple=a.mlp_multiple,
-                    ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration, overwrite=a.overwrite)
+                    ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration,
+                    overwrite=a.overwrite, max_context=a.max_context)
     rep = run(cfg)
     print(f"report: {Path(a.out) / 'report.md'}")
     print("verdicts: " + ", ".join(f"{k}={v['verdict']}" for k, v in rep["verdicts"].items()))

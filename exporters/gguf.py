@@ -86,6 +86,8 @@ class GGUFSummary:
     attn_free_layers: list[int] = field(default_factory=list)
     padded_attn_layers: list[int] = field(default_factory=list)
     quant_report: QuantReport | None = None
+    approximations: list[str] = field(default_factory=list)   # accepted with --max-context (exporters.features)
+    max_context: int | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -385,30 +387,62 @@ def plan_layers(model) -> LayerPlan:
     return lp
 
 
-def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "f32") -> GGUFSummary:
+def _write_hparams(w, cfg, lp: LayerPlan, hd: int, rope: dict, accepted) -> None:
+    """Hyper-parameters: scalars when every layer has the same shape (arch llama), per-layer arrays otherwise (deci);
+    an accepted approximation (``accepted.approximations``) and its declared context in ``edgeprune.*`` keys."""
+    import gguf
+
+    from .consistency import META_APPROX, META_CONTEXT
+
+    uniform = len(set(zip(lp.heads, lp.kv, lp.ffn))) == 1
+    w.add_block_count(len(lp.heads))
+    ctx = accepted.max_context if accepted.approximations else getattr(cfg, "max_position_embeddings", 2048)
+    w.add_context_length(int(ctx))
+    if accepted.approximations:
+        w.add_array(META_APPROX, accepted.approximations)
+        w.add_uint32(META_CONTEXT, int(accepted.max_context))
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(lp.ffn[0] if uniform else lp.ffn)
+    w.add_head_count(lp.heads[0] if uniform else lp.heads)
+    w.add_head_count_kv(lp.kv[0] if uniform else lp.kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(rope["theta"])
+    if rope["kind"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "f32",
+               max_context: int | None = None) -> GGUFSummary:
     """Write ``model`` (HF Llama/Mistral/Qwen2 with per-layer shapes) as a GGUF at ``dtype`` f32 or f16.
 
     2-D weights are stored at ``dtype``; norms and biases always as f32. The output is written atomically.
+    What llama.cpp cannot compute is refused first (:func:`exporters.features.check`); an approximation accepted
+    with ``max_context`` is recorded in the metadata (``edgeprune.approximations``, ``edgeprune.max_context``) and
+    the file's ``context_length`` becomes ``max_context`` (what an application defaults to).
     """
     import gguf
 
     from edgeprune.models import head_dim
     from edgeprune.paths import atomic_file
 
+    from .features import check
+
     if dtype not in FLOATS:
         raise EdgepruneError(f"GGUF float type '{dtype}' unknown; use f32 or f16 (or a --quant type)")
     cfg = model.config
+    accepted = check(cfg.to_dict(), "gguf", max_context)
     hd = head_dim(model)
     lp = plan_layers(model)
     heads, kv, ffn, padded = lp.heads, lp.kv, lp.ffn, lp.pad_ffn
-    uniform = len(set(zip(heads, kv, ffn))) == 1
-    arch = "llama" if uniform else "deci"
-    notes = []
-    sw = getattr(cfg, "sliding_window", None)
-    if sw and sw < getattr(cfg, "max_position_embeddings", 0):
-        notes.append(f"sliding_window={sw} is not applied by llama.cpp's llama/deci graph; contexts beyond it differ")
+    arch = "llama" if len(set(zip(heads, kv, ffn))) == 1 else "deci"
+    notes = list(accepted.approximations)
     rope, rope_freqs = _rope(cfg)
-    V, H, L = cfg.vocab_size, cfg.hidden_size, len(heads)
+    V, L = cfg.vocab_size, len(heads)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     out = Path(out)
@@ -416,21 +450,7 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(Path(str(getattr(model, "name_or_path", "") or "model")).name)
-        w.add_block_count(L)
-        w.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
-        w.add_embedding_length(H)
-        w.add_feed_forward_length(ffn[0] if uniform else ffn)
-        w.add_head_count(heads[0] if uniform else heads)
-        w.add_head_count_kv(kv[0] if uniform else kv)
-        w.add_key_length(hd)
-        w.add_value_length(hd)
-        w.add_rope_dimension_count(hd)
-        w.add_rope_freq_base(rope["theta"])
-        if rope["kind"] == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(rope["factor"])
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_vocab_size(V)
+        _write_hparams(w, cfg, lp, hd, rope, accepted)
         w.add_file_type(ftype)
         kind = write_vocab(w, Path(tokenizer_dir), V)
 
@@ -465,7 +485,8 @@ def write_gguf(model, tokenizer_dir: str | Path, out: str | Path, dtype: str = "
         notes.append(f"layers {padded} have no MLP channels; written with a {ZERO_FFN_PAD}-channel zero FFN "
                      "(deci would otherwise skip the whole layer); output is identical")
     return GGUFSummary(str(out), arch, dtype, out.stat().st_size / 1e6, L, heads, kv, ffn, kind, sorted(biases),
-                       padded, notes, attn_free_layers=lp.attn_free, padded_attn_layers=lp.pad_attn)
+                       padded, notes, attn_free_layers=lp.attn_free, padded_attn_layers=lp.pad_attn,
+                       approximations=accepted.approximations, max_context=max_context)
 
 
 # ----------------------------------------------------------------------------------------------- quantize
@@ -533,25 +554,29 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 2) -> 
 
 # ----------------------------------------------------------------------------------------------- entry point
 def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16", threads: int = 2,
-                keep_intermediate: bool = False) -> GGUFSummary:
+                keep_intermediate: bool = False, max_context: int | None = None) -> GGUFSummary:
     """model dir -> GGUF at ``quant`` (f32, f16, q8_0, q4_k_m, q5_k_m, q6_k). Quantized files are made from an
-    f32 intermediate (f16 if the checkpoint is f16/bf16), written beside ``out`` and removed afterwards."""
+    f32 intermediate (f16 if the checkpoint is f16/bf16), written beside ``out`` and removed afterwards.
+    The model's features are checked against llama.cpp's (:mod:`exporters.features`) before it is loaded."""
     import torch
 
     from edgeprune.models import load
 
+    from .features import check_dir
+
     if quant not in FLOATS and quant not in QUANTS:
         raise EdgepruneError(f"quant '{quant}' unknown; use one of {', '.join(FLOATS + tuple(QUANTS))}")
-    model = load(model_dir)
+    check_dir(model_dir, "gguf", max_context)
     out = Path(out)
     if out.is_dir():
         raise EdgepruneError(f"--out {out} is a directory; pass a .gguf file path")
+    model = load(model_dir)
     if quant in FLOATS:
-        return write_gguf(model, model_dir, out, quant)
+        return write_gguf(model, model_dir, out, quant, max_context)
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # the float intermediate is a hidden temp sibling: a killed export never leaves a finished-looking .gguf
     mid = out.with_name(f".{out.name}.tmp-{os.getpid()}-{'f16' if half else 'f32'}.gguf")
-    s = write_gguf(model, model_dir, mid, "f16" if half else "f32")
+    s = write_gguf(model, model_dir, mid, "f16" if half else "f32", max_context)
     del model
     try:
         rep = quantize(mid, out, quant, threads)

@@ -189,16 +189,22 @@ def to_int8(src: Path, dst: Path, external: bool) -> None:
 
 
 def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", quant: str | None = None,
-                external: bool | None = None, target: str = "edgeprune") -> OnnxSummary:
+                external: bool | None = None, target: str = "edgeprune",
+                max_context: int | None = None) -> OnnxSummary:
     """model dir -> ONNX directory ``out`` (model.onnx [+ model.onnx_data], config.json for optimum,
     genai_config.json for onnxruntime-genai, tokenizer files, edgeprune_onnx.json describing the
-    I/O). ``target`` optimum refuses per-layer KV heads, which it cannot load (see :mod:`.onnx_runtimes`)."""
-    from .onnx_runtimes import check_target, genai_config, optimum_config
+    I/O). ``target`` optimum refuses per-layer KV heads, which it cannot load (see :mod:`.onnx_runtimes`).
+    What the traced graph cannot compute is refused first (:mod:`exporters.features`)."""
     import shutil
     import tempfile
 
     from edgeprune.models import copy_tokenizer, head_dim, layer_shapes, load, pruned_config
     from edgeprune.paths import atomic_dir
+
+    from .features import check_dir
+    from .onnx_runtimes import check_target, genai_config, optimum_config
+
+    accepted = check_dir(model_dir, "onnx", max_context)
 
     if dtype not in ("fp32", "fp16"):
         raise EdgepruneError(f"ONNX dtype '{dtype}' unknown; use fp32 or fp16")
@@ -227,6 +233,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
             if work != tmp:
                 shutil.rmtree(work, ignore_errors=True)
         cfg, notes = optimum_config(pruned_config(model, refuse_plain=False), kv, q, head_dim(model))
+        notes = list(accepted.approximations) + list(notes)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         genai = genai_config(cfg, kv, q, head_dim(model))
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
@@ -234,7 +241,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
         ins, outs = io_names(len(shapes))
         meta = {"format": "edgeprune-onnx-decoder", "opset": OPSET, "dtype": dtype, "quant": quant,
                 "head_dim": head_dim(model), "kv_heads": [s.num_key_value_heads for s in shapes],
-                "inputs": ins, "outputs": outs, "external_data": ext}
+                "inputs": ins, "outputs": outs, "external_data": ext,
+                "approximations": accepted.approximations, "max_context": max_context if accepted.approximations else None}
         (tmp / "edgeprune_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir() if f.name in ("model.onnx", "model.onnx_data"))
     return OnnxSummary(str(out), dtype, quant, size / 1e6, len(shapes), kv, ext, OPSET, round(time.time() - t0, 2),

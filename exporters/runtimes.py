@@ -79,6 +79,8 @@ class LlamaCppRuntime(Runtime):
             raise EdgepruneError(f"llama.cpp cannot load {path} ({e}); the file is not a valid GGUF for this llama.cpp: "
                                  "re-export it with edgeprune export") from None
         self.n_ctx, self.vocab = n_ctx, self.llm.n_vocab()
+        self._bctx = self._bbatch = None
+        self._bshape = (0, 0)
 
     def logits(self, ids) -> np.ndarray:
         self.llm.reset()
@@ -98,7 +100,39 @@ class LlamaCppRuntime(Runtime):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
 
+    def batch_logits(self, chunks) -> np.ndarray:
+        """Logits [B, T, V] of B independent sequences in one ``llama_decode``: each chunk is its own sequence id
+        in a second context on the same model (``n_seq_max = B``, one KV stream per sequence, same KV type)."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        chunks = np.asarray(chunks)
+        b, t = chunks.shape
+        if self._bctx is None or self._bshape[0] < b or self._bshape[1] < t:
+            self._close_batch()
+            cp = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
+            cp.n_ctx = cp.n_batch = cp.n_ubatch = b * t
+            cp.n_seq_max, cp.kv_unified = b, False
+            self._bctx = _internals.LlamaContext(model=self.llm._model, params=cp, verbose=False)
+            self._bbatch = _internals.LlamaBatch(n_tokens=b * t, embd=0, n_seq_max=b, verbose=False)
+            self._bshape = (b, t)
+        self._bbatch.reset()
+        for i, c in enumerate(chunks):
+            self._bbatch.add_sequence(list(map(int, c)), i, True)
+        self._bctx.decode(self._bbatch)
+        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._bctx.ctx), shape=(b * t * self.vocab,))
+        res = out.reshape(b, t, self.vocab).copy()
+        self._bctx.kv_cache_clear()
+        return res
+
+    def _close_batch(self) -> None:
+        for x in (self._bbatch, self._bctx):
+            if x is not None:
+                x.close()
+        self._bctx = self._bbatch = None
+
     def close(self) -> None:
+        self._close_batch()
         self.llm.close() if hasattr(self.llm, "close") else None
 
 
@@ -149,6 +183,11 @@ class OrtRuntime(Runtime):
         lg, _ = self.run(np.asarray([ids]), self.empty_past(), 0)
         return lg[0]
 
+    def batch_logits(self, chunks) -> np.ndarray:
+        """Logits [B, T, V] of B equal-length sequences in one call."""
+        chunks = np.asarray(chunks)
+        return self.run(chunks, self.empty_past(len(chunks)), 0)[0]
+
     def prefill(self, ids) -> np.ndarray:
         lg, self.past = self.run(np.asarray([ids]), self.empty_past(), 0)
         self.n = len(ids)
@@ -165,15 +204,23 @@ class OrtRuntime(Runtime):
 
 def open_runtime(artifact: str | Path, threads: int = 2, kv: str = "f16", n_ctx: int = 512):
     """GGUF file -> :class:`LlamaCppRuntime`; ONNX dir or .onnx file -> :class:`OrtRuntime`."""
+    p = Path(artifact)
+    if artifact_kind(p) == "gguf":
+        return LlamaCppRuntime(p, n_ctx=n_ctx, threads=threads, kv=kv)
+    return OrtRuntime(p, threads=threads)
+
+
+def artifact_kind(artifact: str | Path) -> str:
+    """"gguf" for a .gguf file, "onnx" for an ONNX export directory or .onnx file; anything else is refused."""
     from edgeprune.errors import EdgepruneError
 
     p = Path(artifact)
     if not p.exists():
         raise EdgepruneError(f"artifact {p} does not exist; pass a .gguf file or an ONNX export directory")
     if p.is_file() and p.suffix == ".gguf":
-        return LlamaCppRuntime(p, n_ctx=n_ctx, threads=threads, kv=kv)
+        return "gguf"
     if (p.is_dir() and (p / "model.onnx").is_file()) or p.suffix == ".onnx":
-        return OrtRuntime(p, threads=threads)
+        return "onnx"
     raise EdgepruneError(f"{p} is neither a .gguf file nor a directory with model.onnx")
 
 

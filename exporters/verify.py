@@ -1,13 +1,21 @@
 """``verify``: check an exported artifact (GGUF file or ONNX dir) against its PyTorch reference model.
 
-* **parity** — fixed prompts, all positions: ``max_abs_diff = max |z_rt − z_pt|``, ``mean_abs_diff``,
-  ``argmax_agreement`` = fraction of positions with the same argmax; a 32-token greedy continuation of the first
-  prompt compared token by token (``greedy_match`` = identical, ``greedy_prefix`` = tokens equal before the first
-  difference). GGUFs run with an F32 KV cache here, so only the weight format differs from PyTorch.
+* **shapes** (first) — the artifact's layer count, per-layer heads / KV heads / MLP widths, hidden, vocab and
+  head_dim against the reference's (:mod:`exporters.consistency`); any difference is refused (exit 2) before
+  anything is measured.
+* **parity** — :mod:`exporters.parity`: fixed prompts plus one longer than any sliding window, all positions:
+  ``max_abs_diff = max |z_rt − z_pt|``, ``mean_abs_diff``, ``argmax_agreement``; a 32-token greedy continuation of
+  the first prompt (reported, not judged). GGUFs run with an F32 KV cache here, so only the weight format differs.
 * **tokenizer** (GGUF) — llama.cpp's own tokenization of the prompts and a WikiText-2 slice vs the HF tokenizer.
 * **ppl** — WikiText-2 test, LLM-Pruner protocol (text joined by ``"\\n\\n"``, tokenized once by the HF tokenizer,
-  non-overlapping 128-token chunks, ``ppl = exp(mean_chunks(mean_positions NLL))``), computed from the runtime's
-  logits (default KV cache, as deployed) and by PyTorch on the same token ids; ``delta_pct = 100·(rt/pt − 1)``.
+  non-overlapping 128-token chunks, ``ppl = exp(mean_chunks(mean_positions NLL))``), from the runtime's logits
+  (default KV cache, as deployed) and by PyTorch on the same chunks; ``delta_pct = 100·(rt/pt − 1)``. By default
+  a seeded random sample of :data:`exporters.ppl.DEFAULT_CHUNKS` chunks with 95% intervals (``ppl_chunks=None``:
+  the whole text), the runtime scoring several chunks per call (:mod:`exporters.ppl`).
+* **parity_verdict** — PASS/FAIL against the thresholds of the artifact's quant (:data:`exporters.parity.THRESHOLDS`,
+  stated in the output); ``edgeprune verify`` exits 4 on FAIL.
+* **approximations** — what the artifact's metadata says it does not compute exactly (accepted at export with
+  ``--max-context``); parity is then judged within that context and the long prompt past it is reported.
 * **speed / memory** — :mod:`exporters.speed` in a separate process (load time, prefill and decode tokens/s,
   TTFT, peak RSS).
 * **stock runtimes** — :mod:`exporters.stock_runtimes`: optimum and onnxruntime-genai (ONNX), llama-cpp-python's
@@ -26,26 +34,8 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 
-PROMPTS = (
-    "The capital of France is",
-    "Once upon a time, in a small village by the sea, there lived",
-    "In 1905 Albert Einstein published four papers that",
-    "The quick brown fox jumps over the lazy dog because",
-)
-
-
-@dataclass
-class Parity:
-    max_abs_diff: float
-    mean_abs_diff: float
-    argmax_agreement: float
-    greedy_match: bool
-    greedy_prefix: int
-    greedy_tokens: int
-    positions: int
-    kv_cache: str
-    greedy_reference: list[int] = field(default_factory=list)
-    greedy_runtime: list[int] = field(default_factory=list)
+from .parity import PROMPTS, Parity, parity  # noqa: F401  (re-exported: verify's public names)
+from .ppl import DEFAULT_CHUNKS
 
 
 @dataclass
@@ -57,6 +47,11 @@ class Ppl:
     seq_len: int
     chunks: int
     kv_cache: str
+    total_chunks: int = 0
+    sample: str = "all"                    # "all", "first N" or "random k of N, seed s"
+    runtime_ci95: list[float] = field(default_factory=list)
+    reference_ci95: list[float] = field(default_factory=list)
+    delta_pct_ci95: list[float] = field(default_factory=list)
 
 
 def _runtime(artifact: Path, threads: int, kv: str, n_ctx: int):
@@ -65,39 +60,32 @@ def _runtime(artifact: Path, threads: int, kv: str, n_ctx: int):
     return open_runtime(artifact, threads=threads, kv=kv, n_ctx=n_ctx)
 
 
-def parity(rt, model, tok, prompts=PROMPTS, greedy_tokens: int = 32, kv: str = "f32") -> Parity:
-    import torch
-
-    diffs, agree, n, mean_acc = [], 0, 0, 0.0
-    for p in prompts:
-        ids = tok(p).input_ids
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0].float().numpy()
-        got = rt.logits(ids)
-        d = np.abs(got - ref)
-        diffs.append(float(d.max()))
-        mean_acc += float(d.mean()) * len(ids)
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
-        n += len(ids)
-    ids = tok(prompts[0]).input_ids
-    with torch.no_grad():
-        g = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=greedy_tokens, min_new_tokens=greedy_tokens, do_sample=False,
-                           pad_token_id=tok.eos_token_id if tok.eos_token_id is not None else 0)
-    ref_g = g[0, len(ids):].tolist()
-    rt_g = rt.greedy(ids, greedy_tokens)
-    prefix = next((i for i, (a, b) in enumerate(zip(ref_g, rt_g)) if a != b), min(len(ref_g), len(rt_g)))
-    return Parity(max(diffs), mean_acc / n, agree / n, ref_g == rt_g, prefix, greedy_tokens, n, kv, ref_g, rt_g)
-
-
 def runtime_ppl(rt, ids: np.ndarray, seq_len: int = 128, max_chunks: int | None = None) -> tuple[float, int]:
-    from .runtimes import log_softmax_nll
+    """Whole-text (or first ``max_chunks`` chunks) runtime perplexity, batched: (ppl, chunks)."""
+    from .ppl import chunk_ids, runtime_nll
 
-    n = len(ids) // seq_len
+    c = chunk_ids(ids, seq_len)[:max_chunks or None]
+    return math.exp(float(runtime_nll(rt, c).mean())), len(c)
+
+
+def ppl_compare(rt, model, ids: np.ndarray, seq_len: int, max_chunks: int | None, sample: int | None, seed: int,
+                progress: bool = False) -> Ppl:
+    """Runtime and PyTorch perplexity on the same chunks: the first ``max_chunks``, else a seeded random
+    ``sample`` (None: all), with 95% intervals (:mod:`exporters.ppl`)."""
+    from .ppl import chunk_ids, estimate, paired_delta, runtime_nll, sample_indices, torch_nll
+
+    c = chunk_ids(ids, seq_len)
     if max_chunks:
-        n = min(n, max_chunks)
-    means = [float(log_softmax_nll(rt.logits(c), c).mean()) for c in ids[: n * seq_len].reshape(n, seq_len)]
-    return math.exp(float(np.mean(means))), n
+        c = c[:max_chunks]
+        idx, how = np.arange(len(c)), f"first {len(c)}"
+    else:
+        idx = sample_indices(len(c), sample, seed)
+        how = "all" if len(idx) == len(c) else f"random {len(idx)} of {len(c)}, seed {seed}"
+    nrt = runtime_nll(rt, c[idx], progress=progress)
+    npt = torch_nll(model, c[idx], progress=progress)
+    ert, ept = estimate(nrt, len(c), seq_len, seed), estimate(npt, len(c), seq_len, seed)
+    d, lo, hi = paired_delta(nrt, npt, len(c))
+    return Ppl(ert.ppl, ept.ppl, d, "", seq_len, len(idx), "", len(c), how, [ert.lo, ert.hi], [ept.lo, ept.hi], [lo, hi])
 
 
 def tokenizer_check(rt, tok, texts) -> dict:
@@ -152,51 +140,43 @@ def budgets(result: dict, profile) -> dict:
 def verify(artifact: str | Path, reference_dir: str | Path, profile=None, threads: int = 2,
            json_out: str | Path | None = None, max_chunks: int | None = None, seq_len: int = 128,
            dataset: str = "wikitext2", speed: bool = True, ppl: bool = True, greedy_tokens: int = 32,
-           stock: bool = True) -> dict:
-    """Parity, runtime perplexity beside PyTorch's, and speed/memory of ``artifact``; returns (and optionally
-    writes) a nested dict with ``parity.*``, ``ppl.*``, ``speed.*``, ``memory.*``, ``file_mb``."""
+           stock: bool = True, ppl_chunks: int | None = DEFAULT_CHUNKS, seed: int = 0, progress: bool = False) -> dict:
+    """Shapes, parity (with its verdict), runtime perplexity beside PyTorch's, stock runtimes and speed/memory of
+    ``artifact``; returns (and optionally writes) a nested dict with ``shapes``, ``parity``, ``ppl``,
+    ``parity_verdict``, ``approximations``, ``stock_runtimes``, ``speed``, ``memory``, ``file_mb`` (and
+    ``budgets`` with a profile).
+
+    Perplexity: the first ``max_chunks`` chunks when given, else a seeded random sample of ``ppl_chunks`` chunks
+    (None: the whole text). Raises EdgepruneError (exit 2) when the artifact's shapes are not the reference's."""
     import torch
 
-    from edgeprune.data import eval_ids
-    from edgeprune.evaluate import perplexity_ids
     from edgeprune.models import load, load_tokenizer
 
-    from .runtimes import artifact_bytes
-    from .speed import measure_subprocess
+    from .consistency import artifact_meta, check_shapes
+    from .runtimes import artifact_bytes, artifact_kind
 
     artifact = Path(artifact)
-    if not artifact.exists():
-        raise EdgepruneError(f"artifact {artifact} does not exist; pass a .gguf file or an ONNX export directory")
+    artifact_kind(artifact)    # exists, and is a GGUF file or an ONNX export
     t0 = time.time()
     torch.set_num_threads(threads)
     model = load(reference_dir, dtype=torch.float32)
     tok = load_tokenizer(reference_dir)
+    shapes = check_shapes(artifact, model, reference_dir)      # before anything is measured
+    meta = artifact_meta(artifact)
     is_gguf = artifact.suffix == ".gguf"
     res: dict = {"artifact": str(artifact), "reference": str(reference_dir), "runtime": "llama.cpp" if is_gguf else "onnxruntime",
-                 "file_mb": round(artifact_bytes(artifact) / 1e6, 3), "threads": threads}
-    kv_par = "f32" if is_gguf else "model"
-    rt = _runtime(artifact, threads, "f32", n_ctx=max(256, seq_len + greedy_tokens + 64))
-    res["parity"] = asdict(parity(rt, model, tok, greedy_tokens=greedy_tokens, kv=kv_par))
+                 "file_mb": round(artifact_bytes(artifact) / 1e6, 3), "threads": threads, "shapes": shapes,
+                 "quant": meta["quant"], "approximations": meta["approximations"], "max_context": meta["max_context"]}
+    _measure_quality(res, artifact, model, tok, dict(threads=threads, max_chunks=max_chunks, seq_len=seq_len,
+                     dataset=dataset, ppl=ppl, greedy_tokens=greedy_tokens, sample=ppl_chunks, seed=seed,
+                     progress=progress))
     if stock:   # which stock runtimes load it, and whether their greedy output matches (exporters.stock_runtimes)
         from .stock_runtimes import stock_checks
 
         res["stock_runtimes"] = stock_checks(artifact, model, tok, greedy_tokens)
-    if ppl:
-        ids = eval_ids(tok, dataset)
-        res["tokenizer"] = tokenizer_check(rt, tok, list(PROMPTS) + [tok.decode(ids[1:200])])
-        if is_gguf:   # perplexity as deployed: default F16 KV cache
-            rt.close()
-            rt = _runtime(artifact, threads, "f16", n_ctx=max(256, seq_len))
-        p_rt, n = runtime_ppl(rt, ids.numpy(), seq_len, max_chunks)
-        p_pt = perplexity_ids(model, ids, seq_len, max_chunks=max_chunks)
-        res["ppl"] = asdict(Ppl(p_rt, p_pt, 100 * (p_rt / p_pt - 1), dataset, seq_len, n, "f16" if is_gguf else "model"))
-    rt.close()
-    del rt, model
+    del model
     if speed:
-        s = measure_subprocess(artifact, threads=threads)
-        res["speed"] = {k: s[k] for k in ("load_s", "prefill_tps", "decode_tps", "ttft_ms", "prompt", "gen", "repeats")}
-        res["memory"] = {"peak_rss_mb": s["peak_rss_mb"], "baseline_rss_mb": s["baseline_rss_mb"],
-                         "model_rss_mb": round(s["peak_rss_mb"] - s["baseline_rss_mb"], 1)}
+        _measure_speed(res, artifact, threads)
     if profile is not None:
         res["budgets"] = budgets(res, profile)
     res["seconds"] = round(time.time() - t0, 2)
@@ -206,3 +186,43 @@ def verify(artifact: str | Path, reference_dir: str | Path, profile=None, thread
         with atomic_file(json_out) as tmp:
             Path(tmp).write_text(json_text(res))
     return res
+
+
+def _measure_quality(res: dict, artifact: Path, model, tok, o: dict) -> None:
+    """Parity (F32 KV cache for GGUF), tokenizer, perplexity (as deployed) and the parity verdict into ``res``."""
+    from edgeprune.data import eval_ids
+
+    from .features import sliding_window
+    from .parity import judge, long_prompt_len, parity
+
+    is_gguf = artifact.suffix == ".gguf"
+    mctx = res["max_context"]
+    cfg = model.config
+    long_len = long_prompt_len(sliding_window(cfg.to_dict()), int(getattr(cfg, "max_position_embeddings", 2048)))
+    seq_len = min(o["seq_len"], mctx) if mctx else o["seq_len"]
+    n_ctx = max(256, seq_len + o["greedy_tokens"] + 64, long_len + 8)
+    rt = _runtime(artifact, o["threads"], "f32", n_ctx=n_ctx)
+    try:
+        res["parity"] = asdict(parity(rt, model, tok, greedy_tokens=o["greedy_tokens"], kv="f32" if is_gguf else "model",
+                                      long_len=long_len, max_context=mctx))
+        if o["ppl"]:
+            ids = eval_ids(tok, o["dataset"])
+            res["tokenizer"] = tokenizer_check(rt, tok, list(PROMPTS) + [tok.decode(ids[1:200])])
+            if is_gguf:   # perplexity as deployed: default F16 KV cache
+                rt.close()
+                rt = _runtime(artifact, o["threads"], "f16", n_ctx=max(256, seq_len))
+            p = ppl_compare(rt, model, ids.numpy(), seq_len, o["max_chunks"], o["sample"], o["seed"], o["progress"])
+            p.dataset, p.kv_cache = o["dataset"], "f16" if is_gguf else "model"
+            res["ppl"] = asdict(p)
+    finally:
+        rt.close()
+    res["parity_verdict"] = judge(res["parity"], res.get("ppl"), res["quant"])
+
+
+def _measure_speed(res: dict, artifact: Path, threads: int) -> None:
+    from .speed import measure_subprocess
+
+    s = measure_subprocess(artifact, threads=threads)
+    res["speed"] = {k: s[k] for k in ("load_s", "prefill_tps", "decode_tps", "ttft_ms", "prompt", "gen", "repeats")}
+    res["memory"] = {"peak_rss_mb": s["peak_rss_mb"], "baseline_rss_mb": s["baseline_rss_mb"],
+                     "model_rss_mb": round(s["peak_rss_mb"] - s["baseline_rss_mb"], 1)}

@@ -30,6 +30,11 @@ def _check(r, tol):
     assert r["parity"]["max_abs_diff"] < tol and r["parity"]["argmax_agreement"] == 1.0
     assert r["parity"]["greedy_match"] and r["parity"]["greedy_prefix"] == 32
     assert abs(r["ppl"]["delta_pct"]) < 0.5 and r["ppl"]["chunks"] == 3 and r["ppl"]["seq_len"] == 128
+    assert r["ppl"]["sample"] == "first 3" and r["ppl"]["delta_pct_ci95"][0] <= r["ppl"]["delta_pct"]
+    v = r["parity_verdict"]
+    assert v["verdict"] == "PASS" and v["quant"] == "f32" and v["thresholds"]["max_abs_diff"] > 0, v
+    assert r["shapes"]["verdict"] == "PASS" and r["approximations"] == []
+    assert max(p["tokens"] for p in r["parity"]["prompts"]) >= 160       # the long prompt
     assert r["speed"]["decode_tps"] > 0 and r["speed"]["prefill_tps"] > 0 and r["speed"]["ttft_ms"] > 0
     assert 10 < r["memory"]["peak_rss_mb"] < 2000                     # the child's own RSS, no torch in it
 
@@ -66,3 +71,28 @@ def test_verify_missing_artifact(pruned, tmp_path):
 
     with pytest.raises(EdgepruneError, match="does not exist"):
         verify(tmp_path / "nope.gguf", pruned)
+
+
+def test_batched_runtime_nll_equals_one_by_one(pruned, tmp_path):
+    """Several chunks per runtime call (llama.cpp: one sequence id each; onnxruntime: a batch) give each chunk's
+    NLL as scoring it alone does; a sample of all chunks is the whole-text figure with a zero-width interval."""
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    import exporters
+    from exporters.ppl import artifact_ppl, chunk_ids, estimate, runtime_nll
+    from exporters.runtimes import log_softmax_nll, open_runtime
+
+    exporters.export(pruned, "gguf", tmp_path / "m.gguf", quant="f32")
+    ids = np.random.default_rng(0).integers(3, 4096, 6 * 32)
+    c = chunk_ids(ids, 32)
+    rt = open_runtime(tmp_path / "m.gguf", threads=1, kv="f32", n_ctx=256)
+    batched = runtime_nll(rt, c)
+    single = np.array([float(log_softmax_nll(rt.logits(x), x).mean()) for x in c])
+    rt.close()
+    assert np.allclose(batched, single, atol=1e-4), (batched, single)
+    est, nll = artifact_ppl(tmp_path / "m.gguf", ids, seq_len=32, chunks=None, threads=1, kv="f32")
+    assert est.chunks == est.total_chunks == 6 and est.lo == est.hi == est.ppl
+    assert est.ppl == pytest.approx(np.exp(batched.mean()), rel=1e-5)
+    sub = estimate(nll[:3], 6, 32)
+    assert sub.lo < sub.ppl < sub.hi
