@@ -44,6 +44,8 @@ import yaml
 
 from edgeprune.errors import EdgepruneError
 
+from .figures import FIGURES, Figure
+
 PROFILE_DIR = Path(__file__).resolve().parent
 CLASSES = ("phone", "laptop", "sbc", "desktop")
 #: allowed quant names per runtime, best quality first (the planner's preference order)
@@ -60,19 +62,6 @@ APP_RUNTIMES: dict[str, tuple[str, str, bool]] = {
     "optimum": ("onnxruntime", "optimum", True),
 }
 
-# device figures: name -> (type, lower bound, lower bound inclusive?, upper bound or None)
-FIGURES: dict[str, tuple[type, float, bool, float | None]] = {
-    "ram_gb": (float, 0, False, 4096),
-    "usable_memory_mb": (float, 0, False, None),
-    "peak_bandwidth_gbps": (float, 0, False, 20000),
-    "effective_bandwidth_factor": (float, 0, False, 1.0),
-    "cores": (int, 1, True, 1024),
-    "threads": (int, 1, True, 4096),
-    "compute_gflops": (float, 0, False, 1e7),
-    "runtime_overhead_mb": (float, 0, True, None),
-    "per_token_overhead_ms": (float, 0, True, 10000),
-    "per_layer_overhead_ms": (float, 0, True, 1000),
-}
 BUDGETS: dict[str, tuple[bool, float | None]] = {   # name -> (required, exclusive lower bound)
     "max_memory_mb": (True, 0),
     "max_decode_ms_per_token": (True, 0),
@@ -81,19 +70,6 @@ BUDGETS: dict[str, tuple[bool, float | None]] = {   # name -> (required, exclusi
 }
 TOP_KEYS = {"name", "class", "description", "runtime", "allowed_quants", "context_length", "device", "budgets",
             "base", "notes", "uniform_kv", "uniform_shapes"}
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One device figure and where it comes from (a citation, ``computed: ...``, ``measured: ...``,
-    ``calibrated: ...`` or ``estimated: ...``)."""
-
-    value: float
-    source: str
-
-    @property
-    def estimated(self) -> bool:
-        return self.source.strip().lower().startswith("estimated")
 
 
 @dataclass(frozen=True)

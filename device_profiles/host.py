@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import Figure, DeviceProfile, FIGURES
+from .figures import FIGURES, Figure
 
 PROBE_VERSION = 1
 
@@ -163,7 +163,8 @@ def saved_calibration(runtime: str) -> dict[str, Figure]:
         return {}
 
 
-def apply_saved_calibration(profile: DeviceProfile) -> DeviceProfile:
+def apply_saved_calibration(profile):
+    """The :class:`~device_profiles.DeviceProfile` with this host's saved calibration applied (if any)."""
     figs = saved_calibration(profile.runtime)
     if not figs:
         return profile

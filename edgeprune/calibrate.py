@@ -2,7 +2,8 @@
 
 The embeddings run once; then each decoder layer ``i`` receives the calibration hidden states, forward hooks
 collect statistics of its inputs, and its outputs become the next layer's inputs. Peak memory is one layer's
-weights plus the activations ``[N, L, H]`` — the engine can later stream layers from disk.
+weights plus the activations ``[N, L, H]``. This module holds the one-layer step (:func:`calibrate_layer`);
+the loop over layers is :mod:`edgeprune.engine`'s.
 
 Per layer, :class:`LayerStats` accumulates (over all N·L tokens, in float64):
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .importance.base import block_len
+from .numerics import block_len
 from .models import decoder_layers
 
 
@@ -106,7 +107,7 @@ def layer0_inputs(model, ids: torch.Tensor, batch_size: int = 16):
     return captured["h"], kwargs
 
 
-def _layer_forward(layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def layer_forward(layer, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
     kw = dict(kwargs)
     am = kw.get("attention_mask")
     if isinstance(am, torch.Tensor) and am.shape[0] not in (1, h.shape[0]):
@@ -124,7 +125,7 @@ Collector = Callable[[int, torch.nn.Module], list]  # (layer index, layer) -> ho
 @torch.no_grad()
 def calibrate_layer(layer, hs: list[torch.Tensor], kwargs: dict, extra: Collector | None = None, i: int = 0):
     """Run one decoder layer over the calibration hidden states with the statistics hooks attached;
-    returns (LayerStats, outputs). Used by :func:`collect` and by layer streaming."""
+    returns (LayerStats, outputs). The step of :mod:`edgeprune.engine`'s layer loop."""
     st = LayerStats()
     a, m = layer.self_attn, layer.mlp
     handles = [
@@ -136,31 +137,8 @@ def calibrate_layer(layer, hs: list[torch.Tensor], kwargs: dict, extra: Collecto
     if extra is not None:
         handles += extra(i, layer)
     try:
-        outs = [_layer_forward(layer, h, kwargs) for h in hs]
+        outs = [layer_forward(layer, h, kwargs) for h in hs]
     finally:
         for hd in handles:
             hd.remove()
     return st, outs
-
-
-@torch.no_grad()
-def collect(model, ids: torch.Tensor, batch_size: int = 16, extra: Collector | None = None,
-            on_layer: Callable[[int, torch.nn.Module, list[torch.Tensor], list[torch.Tensor]], None] | None = None,
-            progress: bool = True) -> list[LayerStats]:
-    """Run calibration layer by layer and return per-layer :class:`LayerStats`.
-
-    ``extra(i, layer)`` may register more hooks (returning their handles) for method-specific statistics.
-    ``on_layer(i, layer, inputs, outputs)`` is called after each layer with its input and output hidden states.
-    """
-    from tqdm import tqdm
-
-    hs, kwargs = layer0_inputs(model, ids, batch_size)
-    stats: list[LayerStats] = []
-    layers = decoder_layers(model)
-    for i, layer in enumerate(tqdm(layers, desc="calibrate", unit="layer", disable=not progress, leave=False)):
-        st, outs = calibrate_layer(layer, hs, kwargs, extra, i)
-        if on_layer is not None:
-            on_layer(i, layer, hs, outs)
-        stats.append(st)
-        hs = outs
-    return stats

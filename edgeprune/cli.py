@@ -284,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     from exporters.ppl import DEFAULT_CHUNKS as DEFAULT_PPL_CHUNKS
 
     from .allocation import ALLOCATORS
+    from .importance import method_names
 
     p = _Parser(prog="edgeprune", description="Structured pruning of LLaMA-family models for edge devices")
     p.add_argument("--version", action="version", version=__import__("edgeprune").__version__)
@@ -291,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="prune a model structurally")
     s.add_argument("model")
-    s.add_argument("--method", required=True, help="magnitude, wanda-sp, llm-pruner, flap, saap, mini-llm, bip")
+    s.add_argument("--method", required=True, help=f"importance method: {', '.join(method_names())}")
     s.add_argument("--ratio", type=float, required=True, help="fraction of non-embedding parameters to remove")
     s.add_argument("--allocation", choices=list(ALLOCATORS), default=None, help="default: the method's own")
     s.add_argument("--calib", default="gutenberg", help="named set (gutenberg, wikitext2, ptb) or a .txt/.jsonl path")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same KV heads in every layer, MLP widths free (optimum's ONNX runtime needs it)")
     s.add_argument("--uniform-shapes", action="store_true",
                    help="every layer the same shape (plain from_pretrained, llama.cpp arch 'llama')")
-    s.add_argument("--opt", action="append", help="method option key=value (repeatable)")
+    s.add_argument("--opt", action="append", help="method option key=value (repeatable); each method's options "
+                   "are in docs/methods.md")
     s.add_argument("--reconstruct", choices=["none", "bias", "lsq", "obs"], default=None,
                    help="refit o_proj/down_proj on the kept columns after removal (default: the method's own; "
                         "FLAP: bias)")

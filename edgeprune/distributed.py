@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .errors import EdgepruneError
+from .self_pruner.search import genome_key
 
 
 def _ray():
@@ -66,12 +67,6 @@ def init(address: str, num_cpus: int | None = None) -> None:
         ray.init(address=address, **kw)
 
 
-def _key(p) -> tuple:
-    from .self_pruner.search import _key as k
-
-    return k(p)
-
-
 class RayEvaluator:
     """A drop-in ``fitness(p)`` that runs on Ray; :meth:`submit` starts candidates ahead of time."""
 
@@ -88,7 +83,7 @@ class RayEvaluator:
     def submit(self, candidates) -> None:
         task = _task()
         for c in candidates:
-            k = _key(c)
+            k = genome_key(c)
             if k in self.pending or k in self.done:
                 continue
             self.pending[k] = task.options(max_retries=self.max_retries, retry_exceptions=False).remote(
@@ -96,7 +91,7 @@ class RayEvaluator:
             self.submitted += 1
 
     def __call__(self, p) -> float:
-        k = _key(p)
+        k = genome_key(p)
         if k not in self.done:
             if k not in self.pending:
                 self.submit([p])

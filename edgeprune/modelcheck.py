@@ -1,7 +1,7 @@
 """The one model validator: every config field edgeprune reads (typed and range-checked, in :data:`FIELDS`),
 weight dtypes and finiteness (streamed one tensor at a time), and the tokenizer against ``vocab_size``.
 
-``models._read_config`` runs :func:`check_config` for every reader of a config; ``models.check_model_dir`` runs the
+``models.read_config`` runs :func:`check_config` for every reader of a config; ``models.check_model_dir`` runs the
 weight checks on the files (before any work: ``run``, ``prune``), ``models.load`` on the tensors it loaded, and
 ``models.load_tokenizer`` the vocabulary check. Each failure is one line naming the file, field or tensor and the fix.
 """

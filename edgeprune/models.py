@@ -18,7 +18,7 @@ computes exactly the pruned function, i.e. every layer has the same shape and no
 architecture does not declare (FLAP's bias compensation adds o_proj/down_proj biases, which stock Llama/Mistral/Qwen2
 would silently drop). Otherwise ``model_type`` is replaced by :data:`PLAIN_REFUSAL` (the real one is kept in
 ``pruning.model_type``), so plain transformers refuses the folder with an error naming ``edgeprune.load`` instead of
-loading another function; :func:`_read_config` restores the real type for every edgeprune reader.
+loading another function; :func:`read_config` restores the real type for every edgeprune reader.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def resize_to_shapes(model, shapes: list[LayerShape]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise EdgepruneError(f"{path} has no config.json; pass a Hugging Face model directory")
@@ -177,7 +177,7 @@ def plain_loadable(shapes: list[LayerShape]) -> bool:
     return is_uniform(shapes) and not any(s.o_proj_bias or s.down_proj_bias for s in shapes)
 
 
-def _resolve(model: str | Path) -> Path:
+def resolve_dir(model: str | Path) -> Path:
     p = Path(model)
     if p.exists():
         if not p.is_dir():
@@ -246,8 +246,8 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     LLaMA/Mistral/Qwen2 checkpoint. ``trust_remote_code`` is accepted for API symmetry but never needed:
     only the three built-in architectures are loaded, so no code from the checkpoint ever runs.
     """
-    path = _resolve(model)
-    d = _read_config(path)
+    path = resolve_dir(model)
+    d = read_config(path)
     sd = _load_state_dict(path)
     for k, t in sd.items():
         if not t.is_floating_point() or t.dtype == torch.float64:
@@ -255,7 +255,7 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
                                  "float checkpoints (float32, float16, bfloat16): pass the original (not quantized) "
                                  "weights")
         check_finite(k, t, path)
-    m, config = _meta_model(d)
+    m, config = meta_model(d)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if not tied and "lm_head.weight" not in sd:
         raise EdgepruneError(f"{path}: config says untied embeddings (tie_word_embeddings=false) but the weights have "
@@ -280,7 +280,7 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
         raise EdgepruneError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}); the checkpoint is incomplete or from another architecture: "
                              "re-download it")
-    _rebuild_buffers(m, config)
+    rebuild_buffers(m, config)
     if dtype is not None:
         m = m.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
     m.eval()
@@ -289,7 +289,7 @@ def load(model: str | Path, dtype: str | torch.dtype | None = None, trust_remote
     return m
 
 
-def _meta_model(d: dict):
+def meta_model(d: dict):
     """The stock HF class for a validated config dict, on the meta device, resized to its per-layer shapes."""
     import transformers
 
@@ -341,8 +341,8 @@ def check_model_dir(model: str | Path) -> Path:
     """Validation of a model directory before any work: config (:mod:`.modelcheck` table), tokenizer files,
     safetensors headers (complete files, float dtypes, shapes matching the config), and every weight finite
     (streamed one tensor at a time; once per folder state per process). Raises :class:`EdgepruneError`."""
-    path = _resolve(model)
-    d = _read_config(path)
+    path = resolve_dir(model)
+    d = read_config(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise EdgepruneError(f"{path} has no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
                              "from the source model")
@@ -363,7 +363,7 @@ def check_model_dir(model: str | Path) -> Path:
         if not f.is_file():
             raise EdgepruneError(f"{f} is listed in the index but missing; re-download the model")
         got.update(_safetensors_shapes(f))
-    m, _ = _meta_model(d)
+    m, _ = meta_model(d)
     for k, t in m.state_dict().items():
         if k in got and tuple(t.shape) != got[k]:
             raise EdgepruneError(f"{path}: weight {k} has shape {got[k]} but config.json implies {tuple(t.shape)}; "
@@ -378,7 +378,7 @@ def check_model_dir(model: str | Path) -> Path:
 _CHECKED: set = set()   # model folders (path + file sizes/mtimes) whose weights were found finite in this process
 
 
-def _rebuild_buffers(model, config) -> None:
+def rebuild_buffers(model, config) -> None:
     """Non-persistent buffers (RoPE ``inv_freq``) were created on the meta device; rebuild them on the CPU."""
     rot = model.model.rotary_emb
     model.model.rotary_emb = type(rot)(config=config)
@@ -390,7 +390,7 @@ def _rebuild_buffers(model, config) -> None:
 def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 
-    path = _resolve(model)
+    path = resolve_dir(model)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise EdgepruneError(f"{path} has no tokenizer (tokenizer.json / tokenizer.model); copy the tokenizer files "
                              "from the source model")
@@ -400,7 +400,7 @@ def load_tokenizer(model: str | Path):
         raise EdgepruneError(f"{path}: tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:100]}); restore the "
                              "tokenizer files from the source model") from None
     if (path / "config.json").is_file():
-        check_vocab(tok, _read_config(path)["vocab_size"], path)
+        check_vocab(tok, read_config(path)["vocab_size"], path)
     return tok
 
 

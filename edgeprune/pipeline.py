@@ -111,9 +111,9 @@ def run(cfg: RunConfig) -> dict:
     from device_profiles import load_profile
 
     from . import planner
-    from .models import _resolve, check_model_dir
+    from .models import resolve_dir, check_model_dir
 
-    src = _resolve(cfg.model)
+    src = resolve_dir(cfg.model)
     check_model_dir(src)   # config, tokenizer and weight headers/shapes, before anything is written
     profile = load_profile(cfg.profile)
     fmt = cfg.format or _fmt_for(profile)
@@ -266,7 +266,7 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
 
     import exporters
 
-    from .report import _best
+    from .report import best_of_repeats
 
     if fmt != "gguf":
         return {"skipped": "host calibration is implemented for llama.cpp profiles"}
@@ -285,7 +285,7 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
         for name, d in (("dense", src), ("half", tmp / "half")):
             art = tmp / f"{name}-{q}.gguf"
             exporters.export(str(d), "gguf", str(art), quant=q, max_context=cfg.max_context)
-            m = _best(measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length, gen=64, repeats=5))
+            m = best_of_repeats(measure_subprocess(art, threads=cfg.threads, n_ctx=profile.context_length, gen=64, repeats=5))
             measured.append({"model": name, "quant": q, **m})
             runs.append(planner.HostRun(str(d), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
                                         profile.context_length, m.get("kv_tokens"), m.get("prompt")))

@@ -1,9 +1,9 @@
-"""``edgeprune prune``: load → calibrate → score → allocate → surgery → save (atomically)."""
+"""``edgeprune prune``: check the configuration, pick the engine's layer source and sink (resident or streamed
+from the checkpoint), run :func:`edgeprune.engine.run`, and write the pruned model with its report and provenance
+(atomically). The layer loop itself is :mod:`edgeprune.engine`'s."""
 from __future__ import annotations
 
-import contextlib
 import json
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,14 +11,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .allocation import AllocOptions, allocate
+from .allocation import AllocOptions, check_allocation
+from .checkpoint import should_stream
 from .data import calibration_ids
+from .device import peak_rss_mb, place, resolve_device
+from .engine import EngineConfig, EngineResult, run
 from .errors import EdgepruneError
-from .groups import model_groups
 from .importance import Context, get_method
-from .models import check_model_dir, count_params, layer_shapes, load, load_tokenizer, save
+from .layer_io import CheckpointSource, ResidentSink, ResidentSource, ShardSink
+from .models import check_model_dir, count_params, layer_shapes, load, load_tokenizer
 from .paths import check_output_dir
-from .surgery import apply_plan
+from .result import PruneResult, jsonable
 
 
 @dataclass
@@ -70,83 +73,20 @@ class PruneConfig:
             ro.validate()
         if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
             raise EdgepruneError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
-
-
-@dataclass
-class PruneResult:
-    out: str
-    method: str
-    allocation: str
-    target_ratio: float
-    achieved_ratio: float
-    params_before: int
-    params_after: int
-    nonemb_before: int
-    nonemb_after: int
-    per_layer: list[dict]
-    timings: dict
-    peak_rss_mb: float
-
-    def table(self) -> str:
-        rows = ["| layer | q heads | kv heads | mlp | removed |", "|---|---|---|---|---|"]
-        for r in self.per_layer:
-            rows.append(f"| {r['layer']} | {r['num_attention_heads']} | {r['num_key_value_heads']} | "
-                        f"{r['intermediate_size']} | {r['removed_frac']:.1%} |")
-        return "\n".join(rows)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
-    """Prune ``model`` in place; returns (plan, scores, info). No I/O besides reading calibration text."""
-    cfg.validate()
-    method = get_method(cfg.method)
-    alloc = cfg.allocation or method.default_allocation
-    torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if not on_cpu:
-        ids = ids.to(model.get_input_embeddings().weight.device)
-    if cfg.ray and "ray" not in cfg.options:
-        cfg.options = {**cfg.options, "ray": cfg.ray}
-    ctx = Context(model=model, calib_ids=ids, seed=cfg.seed, options=dict(cfg.options), progress=progress)
-    t1 = time.time()
-    with contextlib.nullcontext() if method.needs_gradients else torch.no_grad():
-        scores = method.score(model, ctx)
-    scores.attn = [s.detach().double().cpu() for s in scores.attn]
-    scores.mlp = [s.detach().double().cpu() for s in scores.mlp]
-    if not on_cpu:   # surgery (index_select with CPU plans) and saving run on the CPU
-        _to_cpu(model)
-        ctx.calib_ids = ctx.calib_ids.cpu()
-        if scores.bias_means is not None:
-            scores.bias_means = [{k: v.cpu() for k, v in d.items()} for d in scores.bias_means]
-    t2 = time.time()
-    groups = model_groups(model)
-    skip = scores.info.get("skip_default", [0, 0])
-    _, nonemb = count_params(model)
-    opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
-                        skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
-                        skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
-                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options),
-                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
-    plan = allocate(alloc, scores, groups, opts, ctx)
-    repair = cfg.repair_options()
-    if repair is None:
-        apply_plan(model, plan, scores.bias_means)
-    else:   # the repair stage replaces the method's own surgery (and FLAP's bias compensation)
-        from .repair import prune_repaired
-
-        reps = prune_repaired(model, plan, ctx.calib_ids, repair, ctx.batch_size, progress)
-    t3 = time.time()
-    info = {"allocation": alloc, "skip": [opts.skip_first, opts.skip_last], "scores_info": scores.info,
-            "timings": {"calib_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "allocate_apply_s": round(t3 - t2, 2)},
-            "plan_meta": {k: v for k, v in plan.meta.items()}}
-    if repair is not None:
-        info["reconstruction"] = {**asdict(repair), "layers": [asdict(r) for r in reps]}
-    return plan, scores, info
+        method = get_method(self.method)          # an unknown method or a bad --opt: one line, before any I/O
+        method.parse_options(self.options)
+        alloc = self.allocation or method.default_allocation
+        check_allocation(alloc)
+        propagate, _ = stream_options(self.options)
+        if self.stream and alloc == "self-pruner":
+            raise EdgepruneError("the self-pruner allocation evaluates whole pruned models and cannot stream; prune "
+                                 "without --stream (or pick --allocation uniform/global/saap)")
+        if propagate == "pruned" and ro is not None:
+            raise EdgepruneError("--opt stream_propagate=pruned and --reconstruct both choose what later layers see; "
+                                 "use --sequential with --reconstruct instead")
+        if propagate == "pruned" and alloc == "self-pruner":
+            raise EdgepruneError("--opt stream_propagate=pruned cannot be combined with the self-pruner allocation "
+                                 "(its fitness needs the dense model); pick uniform, global or saap")
 
 
 def _flag(v) -> bool:
@@ -157,92 +97,162 @@ def _flag(v) -> bool:
     return bool(v)
 
 
-def _to_cpu(model) -> None:
-    try:
-        from accelerate.hooks import remove_hook_from_module
-
-        remove_hook_from_module(model, recurse=True)
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        pass
-    model.to("cpu")
+STREAM_OPTIONS = {"stream_propagate": ("dense", "pruned"), "stream_dtype": ("auto", "fp32", "bf16", "fp16")}
 
 
-def place(model, device: str = "cpu", device_map: str | None = None):
-    """Put the model on ``device`` (cpu | cuda | auto) or spread it with accelerate's ``device_map``."""
-    from .stream import resolve_device
+def stream_options(options: dict) -> tuple[str, str]:
+    """(propagate, dtype) of the layer-streaming options ``stream_propagate`` / ``stream_dtype``, checked."""
+    out = []
+    for k, allowed in STREAM_OPTIONS.items():
+        v = options.get(k, allowed[0])
+        if v not in allowed:
+            raise EdgepruneError(f"--opt {k}={v}: use {', '.join(allowed)}")
+        out.append(v)
+    return out[0], out[1]
 
-    if device_map:
-        if not torch.cuda.is_available():
-            return model   # nothing to spread over: stay on the CPU
-        from accelerate import dispatch_model, infer_auto_device_map
 
-        no_split = [type(model.model.layers[0]).__name__]
-        dm = infer_auto_device_map(model, no_split_module_classes=no_split) if device_map == "auto" else \
-            json.loads(device_map)
-        return dispatch_model(model, device_map=dm)
-    dev = resolve_device(device)
-    return model if dev.type == "cpu" else model.to(dev)
+def engine_config(cfg: PruneConfig, method, n_layers: int, nonemb: int, progress: bool,
+                  repair=None, hooks=None) -> EngineConfig:
+    """The engine's configuration for ``cfg`` (skip range: the method's default unless given)."""
+    skip = method.default_skip(n_layers)
+    extra = {k: v for k, v in cfg.options.items() if k not in STREAM_OPTIONS}
+    if cfg.ray and "ray" not in extra:
+        extra["ray"] = cfg.ray
+    opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
+                        skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
+                        skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
+                        min_kv=cfg.min_kv, multiple=cfg.multiple, extra=extra,
+                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
+    stage = None
+    ro = cfg.repair_options()
+    if ro is not None:   # the repair stage replaces the method's own surgery (and FLAP's bias compensation)
+        from .repair import RepairStage
+
+        stage = RepairStage(ro)
+    return EngineConfig(allocation=cfg.allocation or method.default_allocation, alloc=opts,
+                        propagate=stream_options(cfg.options)[0], hooks=list(hooks or []), repair=repair,
+                        stage=stage, progress=progress)
+
+
+def _context(cfg: PruneConfig, tokenizer, model) -> Context:
+    torch.manual_seed(cfg.seed)
+    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)
+    options = {k: v for k, v in cfg.options.items() if k not in STREAM_OPTIONS}
+    if cfg.ray and "ray" not in options:
+        options["ray"] = cfg.ray
+    return Context(model=model, calib_ids=ids, seed=cfg.seed, options=options, progress=False)
+
+
+def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True, sink=None):
+    """Prune a resident ``model`` in place with the engine; returns (plan, scores, info). No I/O besides reading
+    the calibration text (and ``sink``'s writes, if one is given)."""
+    cfg.validate()
+    method = get_method(cfg.method)
+    t0 = time.time()
+    source = ResidentSource(model)
+    ctx = _context(cfg, tokenizer, model)
+    ctx.calib_ids = ctx.calib_ids.to(source.device)
+    ecfg = engine_config(cfg, method, len(source.groups()), count_params(model)[1], progress)
+    t1 = time.time()
+    res = run(source, sink or ResidentSink(None, None), method, ctx, ecfg)
+    return res.plan, res.scores, _info(ecfg, res, t1 - t0)
+
+
+def _info(ecfg: EngineConfig, res: EngineResult, calib_s: float) -> dict:
+    info = {"allocation": ecfg.allocation, "skip": [ecfg.alloc.skip_first, ecfg.alloc.skip_last],
+            "scores_info": res.scores.info, "timings": {"calib_s": round(calib_s, 2), **res.timings},
+            "plan_meta": dict(res.plan.meta), "passes": res.passes}
+    if ecfg.stage is not None:
+        info["reconstruction"] = ecfg.stage.record()
+    return info
+
+
+def _streamed(model_path, cfg: PruneConfig, method, progress: bool):
+    """(source, ctx, engine config) of a streamed prune: layers from the checkpoint."""
+    device = resolve_device(cfg.device)
+    source = CheckpointSource(model_path, stream_options(cfg.options)[1], device,
+                              head=method.loss_scope == "model" or not method.has_layer_scorer())
+    ctx = _context(cfg, load_tokenizer(model_path), source.model)
+    ecfg = engine_config(cfg, method, len(source.groups()), count_params(source.model)[1], progress)
+    return source, ctx, ecfg
 
 
 def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
               progress: bool = True) -> PruneResult:
-    cfg.validate()
-    get_method(cfg.method)  # fail fast on an unknown method, before loading anything
-    check_output_dir(out, overwrite, inputs=(model_path,))  # and on an unusable --out, before reading the model
+    """Prune the model at ``model_path`` into ``out``: in memory, or streamed layer by layer (``cfg.stream``;
+    automatic when the weights would not fit and the allocation can stream)."""
+    cfg.validate()   # an unknown method, option or allocation fails here, before anything is read
+    out = check_output_dir(out, overwrite, inputs=(model_path,))  # and an unusable --out
     check_model_dir(model_path)   # the one model validator (config table, dtypes, finite weights), before work
+    method = get_method(cfg.method)
     stream = cfg.stream
-    if stream is None:   # automatic: only when the weights would not fit and the allocation can stream
-        from .stream import should_stream
-
-        stream = (cfg.allocation or get_method(cfg.method).default_allocation) != "self-pruner" and \
-            should_stream(model_path)
-    if stream:
-        from .stream import run_prune_streamed
-
-        return run_prune_streamed(model_path, out, cfg, overwrite=overwrite, progress=progress)
-    out = check_output_dir(out, overwrite, inputs=(model_path,))
+    if stream is None:
+        stream = (cfg.allocation or method.default_allocation) != "self-pruner" and should_stream(model_path)
     t0 = time.time()
-    model = place(load(model_path), cfg.device, cfg.device_map)
-    tok = load_tokenizer(model_path)
-    before = layer_shapes(model)
-    dense_groups = model_groups(model)
-    total_b, nonemb_b = count_params(model)
-    plan, scores, info = prune_model(model, tok, cfg, progress)
-    total_a, nonemb_a = count_params(model)
-    after = layer_shapes(model)
-    per_layer = []
+    if stream:
+        source, ctx, ecfg = _streamed(model_path, cfg, method, progress)
+        sink = ShardSink(out, source, model_path)
+    else:
+        model = place(load(model_path), cfg.device, cfg.device_map)
+        source = ResidentSource(model)
+        ctx = _context(cfg, load_tokenizer(model_path), model)
+        ctx.calib_ids = ctx.calib_ids.to(source.device)
+        ecfg = engine_config(cfg, method, len(source.groups()), count_params(model)[1], progress)
+        sink = ResidentSink(out, model_path)
+    dense_groups, (total_b, nonemb_b) = source.groups(), count_params(source.model)
+    t1 = time.time()
+    try:
+        with sink:
+            res = run(source, sink, method, ctx, ecfg)
+            info = _info(ecfg, res, t1 - t0)
+            result = _result(cfg, out, source, dense_groups, (total_b, nonemb_b), info, res.plan, t0)
+            prov = _provenance(cfg, model_path, result, info, res, source)
+            rep = jsonable(asdict(result))
+            rep["plan"] = {"keep_kv": res.plan.keep_kv, "keep_mlp": res.plan.keep_mlp,
+                           "meta": jsonable(dict(res.plan.meta))}
+            sink.finish(source.model, prov, json.dumps(rep, indent=2) + "\n")
+    finally:
+        source.close()
+    return result
+
+
+def _result(cfg: PruneConfig, out, source, dense_groups, before: tuple[int, int], info: dict, plan, t0: float):
+    total_b, nonemb_b = before
+    total_a, nonemb_a = count_params(source.model)
+    return PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
+                       achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,
+                       nonemb_before=nonemb_b, nonemb_after=nonemb_a,
+                       per_layer=per_layer_report(dense_groups, layer_shapes(source.model), plan),
+                       timings={**info["timings"], "total_s": round(time.time() - t0, 2)}, peak_rss_mb=peak_rss_mb())
+
+
+def per_layer_report(dense_groups, after, plan) -> list[dict]:
+    rows = []
     for i, (lg, kv, ch) in enumerate(zip(dense_groups, plan.keep_kv, plan.keep_mlp)):
         p = lg.n_kv * lg.attn_group_params + lg.n_mlp * lg.mlp_group_params
         kept = len(kv) * lg.attn_group_params + len(ch) * lg.mlp_group_params
-        per_layer.append({"layer": i, **{k: v for k, v in after[i].to_dict().items() if not k.endswith("_bias")},
-                          "kv_kept": len(kv) / lg.n_kv, "mlp_kept": len(ch) / lg.n_mlp, "removed_frac": 1 - kept / p})
-    provenance = {
+        rows.append({"layer": i, **{k: v for k, v in after[i].to_dict().items() if not k.endswith("_bias")},
+                     "kv_kept": len(kv) / lg.n_kv, "mlp_kept": len(ch) / lg.n_mlp, "removed_frac": 1 - kept / p})
+    return rows
+
+
+def _provenance(cfg: PruneConfig, model_path, result: PruneResult, info: dict, res: EngineResult, source) -> dict:
+    prov = {
         "edgeprune_version": __version__, "source_model": str(Path(model_path).resolve()), "method": cfg.method,
-        "allocation": info["allocation"], "target_ratio": cfg.ratio,
-        "achieved_ratio": round(1 - nonemb_a / nonemb_b, 6),
+        "allocation": info["allocation"], "target_ratio": cfg.ratio, "achieved_ratio": round(result.achieved_ratio, 6),
         "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
         "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,
-        "scores_info": _jsonable(info["scores_info"]),
-        "bias_compensation": scores.bias_means is not None and "reconstruction" not in info,
-        "reconstruction": _jsonable(info.get("reconstruction", {"mode": "method default"})),
+        "scores_info": jsonable(info["scores_info"]),
+        "bias_compensation": res.scores.bias_means is not None and "reconstruction" not in info,
+        "reconstruction": jsonable(info.get("reconstruction", {"mode": "method default"})),
     }
-    res = PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
-                      achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,
-                      nonemb_before=nonemb_b, nonemb_after=nonemb_a, per_layer=per_layer,
-                      timings={**info["timings"], "total_s": round(time.time() - t0, 2)}, peak_rss_mb=peak_rss_mb())
-    report = json.dumps(_jsonable(asdict(res)), indent=2) + "\n"
-    save(model, out, tokenizer_src=model_path, provenance=provenance, overwrite=True,
-         extra_files={"prune_report.json": report})
-    return res
+    if source.streamed:
+        prov["stream"] = {"streamed": True, "passes": res.passes, "propagate": stream_options(cfg.options)[0],
+                          "compute_dtype": str(source.dtype).replace("torch.", ""), "device": str(source.device),
+                          "block_local_loss": not get_method(cfg.method).has_layer_scorer(),
+                          "shards": source_shards(source)}
+    return prov
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float):
-        return round(x, 6)
-    return x
+def source_shards(source) -> int:
+    return len(source.model.model.layers) + 2

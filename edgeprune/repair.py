@@ -25,7 +25,7 @@ import torch
 
 from .groups import LayerGroups, kv_index, q_index
 from .reconstruct import DAMP, MODES, Gram, reconstruct
-from .surgery import _take
+from .surgery import take_linear
 
 TARGETS = ("dense", "self")
 
@@ -64,15 +64,15 @@ class LayerRepair:
 
 
 def _forward(layer, hs, kwargs):
-    from .calibrate import _layer_forward
+    from .calibrate import layer_forward
 
-    return [_layer_forward(layer, h, kwargs) for h in hs]
+    return [layer_forward(layer, h, kwargs) for h in hs]
 
 
 def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dense=None) -> Gram:
     """Gram statistics of ``proj``'s inputs over ``hs`` (through ``layer``); with ``dense`` (the dense layer) and
     ``hs_dense``, the dense projection inputs on the dense stream are the target inputs, batch by batch."""
-    from .calibrate import _layer_forward
+    from .calibrate import layer_forward
 
     g, cur = Gram(), {}
     mod = proj(layer)
@@ -81,9 +81,9 @@ def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dens
         if dense is not None else None
     try:
         for b, h in enumerate(hs):
-            _layer_forward(layer, h, kwargs)
+            layer_forward(layer, h, kwargs)
             if dense is not None:
-                _layer_forward(dense, hs_dense[b], kwargs)
+                layer_forward(dense, hs_dense[b], kwargs)
             g.update(cur["x"], cur.get("t"))
     finally:
         h1.remove()
@@ -93,7 +93,7 @@ def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dens
 
 
 def _swap(lin, keep, r):
-    new = _take(lin, cols=keep, extra_bias=r.bias)
+    new = take_linear(lin, cols=keep, extra_bias=r.bias)
     new.weight.data.copy_(r.weight)
     return new
 
@@ -112,8 +112,8 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
         g = _gram(layer, lambda l: l.self_attn.o_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
         r = reconstruct(a.o_proj.weight.data, g, qi, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") \
             if opts.mode != "none" else None
-        a.q_proj, a.k_proj, a.v_proj = _take(a.q_proj, rows=qi), _take(a.k_proj, rows=ki), _take(a.v_proj, rows=ki)
-        a.o_proj = _swap(a.o_proj, qi, r) if r is not None else _take(a.o_proj, cols=qi)
+        a.q_proj, a.k_proj, a.v_proj = take_linear(a.q_proj, rows=qi), take_linear(a.k_proj, rows=ki), take_linear(a.v_proj, rows=ki)
+        a.o_proj = _swap(a.o_proj, qi, r) if r is not None else take_linear(a.o_proj, cols=qi)
         _set_heads(a, lg, kv.numel())
         if r is not None:
             rep.modes["o_proj"], rep.errors["o_proj"], rep.errors_none["o_proj"] = r.mode, r.error, r.error_none
@@ -122,8 +122,8 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
         g = _gram(layer, lambda l: l.mlp.down_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
         r = reconstruct(m.down_proj.weight.data, g, ch, opts.mode, opts.damp, opts.intercept, f"layer {i} down_proj") \
             if opts.mode != "none" else None
-        m.gate_proj, m.up_proj = _take(m.gate_proj, rows=ch), _take(m.up_proj, rows=ch)
-        m.down_proj = _swap(m.down_proj, ch, r) if r is not None else _take(m.down_proj, cols=ch)
+        m.gate_proj, m.up_proj = take_linear(m.gate_proj, rows=ch), take_linear(m.up_proj, rows=ch)
+        m.down_proj = _swap(m.down_proj, ch, r) if r is not None else take_linear(m.down_proj, cols=ch)
         m.intermediate_size = ch.numel()
         if r is not None:
             rep.modes["down_proj"], rep.errors["down_proj"], rep.errors_none["down_proj"] = r.mode, r.error, r.error_none
@@ -176,20 +176,32 @@ def repair_step(i: int, layer, lg: LayerGroups, kv: list[int], ch: list[int], st
     return rep
 
 
-@torch.no_grad()
+class RepairStage:
+    """The repair stage as an engine layer stage (:class:`edgeprune.engine.EngineConfig` ``stage``): the engine
+    calls :meth:`start` with the layer-0 calibration inputs, then :meth:`step` for every layer in order."""
+
+    def __init__(self, opts: RepairOptions):
+        opts.validate()
+        self.opts, self.layers, self.st = opts, [], None
+
+    def start(self, hs: list, kwargs: dict) -> None:
+        self.st = Streams.start(hs, kwargs, self.opts)
+
+    def step(self, i: int, layer, lg: LayerGroups, kv: list[int], ch: list[int]) -> None:
+        self.layers.append(repair_step(i, layer, lg, kv, ch, self.st, self.opts))
+
+    def record(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self.opts), "layers": [asdict(r) for r in self.layers]}
+
+
 def prune_repaired(model, plan, ids: torch.Tensor, opts: RepairOptions, batch_size: int = 16,
                    progress: bool = True) -> list[LayerRepair]:
-    """Apply ``plan`` to ``model`` in place, layer by layer, with the repair stage (module docstring).
-    Returns per-layer :class:`LayerRepair` records."""
-    from tqdm import tqdm
+    """Apply ``plan`` to ``model`` in place, layer by layer, with the repair stage (module docstring), through the
+    engine's layer loop. Returns per-layer :class:`LayerRepair` records."""
+    from .engine import apply_stage
 
-    from .calibrate import layer0_inputs
-    from .groups import model_groups
-    from .models import decoder_layers
-
-    opts.validate()
-    hs, kwargs = layer0_inputs(model, ids, batch_size)
-    st, groups = Streams.start(hs, kwargs, opts), model_groups(model)
-    return [repair_step(i, layer, groups[i], plan.keep_kv[i], plan.keep_mlp[i], st, opts)
-            for i, layer in enumerate(tqdm(decoder_layers(model), desc="repair", unit="layer",
-                                           disable=not progress, leave=False))]
+    stage = RepairStage(opts)
+    apply_stage(model, plan, ids, stage, batch_size, progress)
+    return stage.layers

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 
-def _best(m: dict) -> dict:
+def best_of_repeats(m: dict) -> dict:
     """Use the best-of-N speeds (the machine may be shared; the best run is the least disturbed)."""
     return {**m, "prefill_tps": m.get("prefill_tps_best") or m["prefill_tps"],
             "decode_tps": m.get("decode_tps_best") or m["decode_tps"], "speed_stat": "best of repeats"}
@@ -72,7 +72,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     from device_profiles import load_profile  # noqa: F401
 
     from . import planner
-    from .models import _read_config, shapes_from_config
+    from .models import read_config, shapes_from_config
     from .paths import atomic_file, json_text
     from exporters.speed import measure_subprocess
 
@@ -80,9 +80,9 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     plan = stages["plan"]
     final_dir = out / ("finetuned" if "finetune" in stages else "pruned" if "prune" in stages else "")
     if not (final_dir / "config.json").exists():
-        from .models import _resolve
+        from .models import resolve_dir
 
-        final_dir = _resolve(cfg.model)
+        final_dir = resolve_dir(cfg.model)
     art = out / stages["export"]["artifact"]
     ver = json.loads((out / "verify.json").read_text())
     ctx = profile.context_length
@@ -90,7 +90,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     if meas_path.exists():
         m = json.loads(meas_path.read_text())
     else:
-        m = _best(measure_subprocess(art, threads=cfg.threads, n_ctx=ctx, gen=64, repeats=5))
+        m = best_of_repeats(measure_subprocess(art, threads=cfg.threads, n_ctx=ctx, gen=64, repeats=5))
         with atomic_file(meas_path) as tmp:
             tmp.write_text(json.dumps(m, indent=2) + "\n")
     measured = {"decode_tps": m["decode_tps"], "prefill_tps": m["prefill_tps"], "peak_rss_mb": m["peak_rss_mb"],
@@ -106,9 +106,9 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     b = profile.budgets
     quality = stages["verify"]["quality"]
     verdicts = _verdicts(judged, quality, profile)
-    cfg_d = _read_config(final_dir)
+    cfg_d = read_config(final_dir)
     per_layer = [s.to_dict() for s in shapes_from_config(cfg_d)]
-    src_cfg = _read_config(Path(cfg.model))
+    src_cfg = read_config(Path(cfg.model))
     dense_layers = [s.to_dict() for s in shapes_from_config(src_cfg)]
     errs = {k: round(100 * (predicted[k] - measured[k]) / measured[k], 2) for k in KEYS if measured.get(k)}
     rep = {"model": str(cfg.model), "profile": profile.name, "runtime": profile.runtime, "artifact": art.name,

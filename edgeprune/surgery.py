@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .groups import LayerGroups, Plan, kv_index, model_groups, q_index
-from .importance.base import per_channel
+from .numerics import per_channel
 from .models import decoder_layers
 
 
-def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+def take_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
           extra_bias: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear holding ``W[rows]`` or ``W[:, cols]`` (and ``b[rows] (+ extra_bias)``). The kept weights are
     the only new allocation (no initialised weight to copy into): while the caller swaps it in, memory holds the
@@ -63,21 +63,21 @@ def apply_plan(model, plan: Plan, bias_means: list[dict] | None = None) -> None:
     """
     groups = model_groups(model)
     for i, (layer, lg) in enumerate(zip(decoder_layers(model), groups)):
-        _prune_layer(layer, lg, torch.tensor(plan.keep_kv[i], dtype=torch.long),
+        prune_layer(layer, lg, torch.tensor(plan.keep_kv[i], dtype=torch.long),
                      torch.tensor(plan.keep_mlp[i], dtype=torch.long), (bias_means or [None] * len(groups))[i])
 
 
-def _prune_layer(layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, means: dict | None) -> None:
-    """Prune one decoder layer in place. One matrix at a time: each ``_take`` is swapped in before the next is
+def prune_layer(layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, means: dict | None) -> None:
+    """Prune one decoder layer in place. One matrix at a time: each ``take_linear`` is swapped in before the next is
     built, so (when nothing else holds the layer's weights) the transient memory is one kept matrix."""
     a, m = layer.self_attn, layer.mlp
     if kv.numel() != lg.n_kv:
         qi, ki = q_index(lg, kv), kv_index(lg, kv)
         comp = _compensation(a.o_proj, qi, means["o"]) if means and "o" in means else None
-        a.q_proj = _take(a.q_proj, rows=qi)
-        a.k_proj = _take(a.k_proj, rows=ki)
-        a.v_proj = _take(a.v_proj, rows=ki)
-        a.o_proj = _take(a.o_proj, cols=qi, extra_bias=comp)
+        a.q_proj = take_linear(a.q_proj, rows=qi)
+        a.k_proj = take_linear(a.k_proj, rows=ki)
+        a.v_proj = take_linear(a.v_proj, rows=ki)
+        a.o_proj = take_linear(a.o_proj, cols=qi, extra_bias=comp)
         a.num_key_value_groups = lg.n_rep
         if hasattr(a, "num_heads"):
             a.num_heads = kv.numel() * lg.n_rep
@@ -85,9 +85,9 @@ def _prune_layer(layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, mea
             a.num_key_value_heads = kv.numel()
     if ch.numel() != lg.n_mlp:
         comp = _compensation(m.down_proj, ch, means["down"]) if means and "down" in means else None
-        m.gate_proj = _take(m.gate_proj, rows=ch)
-        m.up_proj = _take(m.up_proj, rows=ch)
-        m.down_proj = _take(m.down_proj, cols=ch, extra_bias=comp)
+        m.gate_proj = take_linear(m.gate_proj, rows=ch)
+        m.up_proj = take_linear(m.up_proj, rows=ch)
+        m.down_proj = take_linear(m.down_proj, cols=ch, extra_bias=comp)
         m.intermediate_size = ch.numel()
 
 

@@ -51,6 +51,7 @@ def _hwm_mb() -> float:
 def child(kind: str, a) -> dict:
     import torch
 
+    from edgeprune.engine import score
     from edgeprune.importance import Context, get_method
     from edgeprune.importance.mini_llm import lm_loss
     from edgeprune.testing import shaped_model
@@ -71,13 +72,13 @@ def child(kind: str, a) -> dict:
     t = time.time()
     if kind == "forward":  # gradient-free: layer-wise calibration statistics + the LM loss of the same rows
         with torch.no_grad():
-            get_method("wanda-sp").score(model, ctx)
+            score(get_method("wanda-sp"), model, ctx)
             lm_loss(model, ids[:a.rows], batch_size=1)
     elif kind in ("mini-llm", "bip"):
         with torch.no_grad():
-            get_method(kind).score(model, ctx)
+            score(get_method(kind), model, ctx)
     elif kind == "llm-pruner":  # its own path: one backward per row (batch 1), as LLM-Pruner's code does
-        get_method(kind).score(model, ctx)
+        score(get_method(kind), model, ctx)
     wall = time.time() - t
     return {"kind": kind, "rss_after_load_mb": round(rss_load, 1),
             "peak_rss_mb": round(_hwm_mb(), 1) if reset else None,

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from edgeprune import testing as T
-from edgeprune.calibrate import _layer_forward, layer0_inputs
+from edgeprune.calibrate import layer_forward, layer0_inputs
 from edgeprune.groups import model_groups
+from edgeprune.engine import score
 from edgeprune.importance import Context, get_method
 from edgeprune.importance.bip import attn_group_change, ffn_jacobian_ops, mlp_channel_change, token_lipschitz
 
@@ -25,7 +26,7 @@ def _run(layer, x, kw):
           layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: cap.__setitem__("o", a[0])),
           layer.post_attention_layernorm.register_forward_pre_hook(lambda _m, a: cap.__setitem__("h", a[0]))]
     with torch.no_grad():
-        y = _layer_forward(layer, x, kw)
+        y = layer_forward(layer, x, kw)
     for h in hk:
         h.remove()
     return y.reshape(-1, y.shape[-1]), {k: v.reshape(-1, v.shape[-1]) for k, v in cap.items()}
@@ -36,7 +37,7 @@ def test_mlp_channel_prediction_is_exact_and_attention_bound_holds(kind):
     m, ids, x, kw = _setup(kind)
     ctx = Context(model=m, calib_ids=ids, options={"lip_tokens": 10_000}, batch_size=4, progress=False)
     with torch.no_grad():
-        s = get_method("bip").score(m, ctx)
+        s = score(get_method("bip"), m, ctx)
     g = torch.Generator().manual_seed(1)
     for i, (layer, lg) in enumerate(zip(m.model.layers, model_groups(m))):
         y, cap = _run(layer, x, kw)
@@ -84,14 +85,14 @@ def test_single_forward_no_grad():
     calls = []
     hk = m.model.layers[1].register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        get_method("bip").score(m, Context(model=m, calib_ids=ids, batch_size=4, progress=False))
+        score(get_method("bip"), m, Context(model=m, calib_ids=ids, batch_size=4, progress=False))
     hk.remove()
     assert len(calls) == 1 and all(p.grad is None for p in m.parameters())
 
 
 def test_blockwise_upcast_matmul_matches_whole_upcast():
     """bip's Jacobian products on bf16 weights convert W one block of output columns at a time (several here)."""
-    from edgeprune.importance.base import block_len
+    from edgeprune.numerics import block_len
     from edgeprune.importance.bip import mm
 
     g = torch.Generator().manual_seed(0)

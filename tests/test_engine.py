@@ -8,8 +8,10 @@ from edgeprune import models as M
 from edgeprune import surgery as S
 from edgeprune import testing as T
 from edgeprune.allocation import AllocOptions, allocate
-from edgeprune.calibrate import ChannelStats, collect
+from edgeprune.calibrate import ChannelStats
+from edgeprune.engine import collect
 from edgeprune.groups import Plan, model_groups, plan_params
+from edgeprune.engine import score
 from edgeprune.importance import Context, get_method
 
 KINDS = [("gqa", False, False), ("mha", True, True), ("qwen2", False, False), ("mistral", False, True)]
@@ -93,7 +95,7 @@ def _ctx(m):
 def test_allocators_meet_target_and_constraints(alloc, ratio):
     m = T.tiny_model("gqa", layers=6, heads=8, ffn=256, hidden=64)
     ctx = _ctx(m)
-    scores = get_method("wanda-sp").score(m, ctx)
+    scores = score(get_method("wanda-sp"), m, ctx)
     g = model_groups(m)
     _, non = M.count_params(m)
     opts = AllocOptions(ratio=ratio, nonemb_params=non, skip_first=1, skip_last=1, multiple=8)
@@ -115,11 +117,11 @@ def test_allocators_meet_target_and_constraints(alloc, ratio):
 def test_wanda_sp_and_flap_scores_follow_their_formulas():
     m = T.tiny_model("mha")
     ctx = _ctx(m)
-    st = ctx.layer_stats[1]
+    st = collect(m, ctx.calib_ids, ctx.batch_size)[1]
     w = m.model.layers[1].mlp.down_proj.weight.double()
-    wanda = get_method("wanda-sp").score(m, ctx)
+    wanda = score(get_method("wanda-sp"), m, ctx)
     assert torch.allclose(wanda.mlp[1], w.abs().mean(0) * st.down_in.norm)
-    flap = get_method("flap").score(m, ctx)
+    flap = score(get_method("flap"), m, ctx)
     s = st.down_in.var * (w ** 2).sum(0)
     assert torch.allclose(flap.mlp[1], (s - s.mean()) / s.std(), atol=1e-6)
     assert flap.standardized and flap.bias_means is not None
@@ -148,7 +150,7 @@ def test_llm_pruner_taylor_uses_gradients():
     ctx = _ctx(m)
     for kind in ("vectorize", "param_first", "param_second"):
         ctx.options["taylor"] = kind
-        s = get_method("llm-pruner").score(m, ctx)
+        s = score(get_method("llm-pruner"), m, ctx)
         assert all(torch.isfinite(a).all() and a.abs().sum() > 0 for a in s.attn)
     assert all(p.grad is None for p in m.parameters())
 
@@ -166,7 +168,7 @@ def test_unknown_method_and_allocation():
 def test_blockwise_channel_reductions_match_whole_matrix():
     """per_channel / ChannelStats work on float64 blocks of a matrix (several blocks here) and must give what the
     whole-matrix float64 reduction gives, without writing the weights (even float64 ones)."""
-    from edgeprune.importance.base import BLOCK_ELEMS, block_len, per_channel
+    from edgeprune.numerics import BLOCK_ELEMS, block_len, per_channel
 
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(64, 3 * BLOCK_ELEMS // 64 + 40, generator=g) * 0.02).bfloat16()
@@ -189,14 +191,14 @@ def test_blockwise_channel_reductions_match_whole_matrix():
 
 
 def test_surgery_allocates_only_the_kept_weights():
-    """_take builds the new Linear around the selected rows/columns (no initialised matrix copied into) and keeps
+    """take_linear builds the new Linear around the selected rows/columns (no initialised matrix copied into) and keeps
     no reference to the old weight, so the old matrix is freed as soon as the layer drops it."""
     import weakref
 
     lin = torch.nn.Linear(16, 8, bias=True)
     rows = torch.tensor([0, 3, 5])
     old = weakref.ref(lin.weight)
-    new = S._take(lin, rows=rows)
+    new = S.take_linear(lin, rows=rows)
     assert torch.equal(new.weight, lin.weight[rows]) and torch.equal(new.bias, lin.bias[rows])
     assert new.weight.data_ptr() != lin.weight.data_ptr() and new.bias.data_ptr() != lin.bias.data_ptr()
     del lin

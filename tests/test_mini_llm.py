@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgeprune import testing as T
+from edgeprune.engine import score
 from edgeprune.importance import Context, get_method
 from edgeprune.importance.mini_llm import member_linears, spsa_estimate
 from edgeprune.importance.taylor import backward_grads
@@ -42,7 +43,7 @@ def test_scoring_is_forward_only_and_restores_weights(perturb):
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     ctx = Context(model=m, calib_ids=ids, options={"n_perturb": 8, "perturb": perturb}, progress=False)
     with torch.no_grad():
-        s = get_method("mini-llm").score(m, ctx)
+        s = score(get_method("mini-llm"), m, ctx)
     assert all(p.grad is None for p in m.parameters())
     for n, p in m.named_parameters():
         if perturb == "functional":
@@ -58,7 +59,7 @@ def test_backprop_variant_scores_correlate_with_spsa():
     for g in ("spsa", "backprop"):
         ctx = Context(model=m, calib_ids=ids, options={"n_perturb": 256, "grad": g, "eps": 1e-4, "spsa_batch": 4,
                                                        "grad_samples": 4, "grad_len": 16}, progress=False)
-        sc[g] = get_method("mini-llm").score(m, ctx).mlp[0]
+        sc[g] = score(get_method("mini-llm"), m, ctx).mlp[0]
     rank = lambda t: torch.argsort(torch.argsort(t)).double()
     rho = float(torch.corrcoef(torch.stack([rank(sc["spsa"]), rank(sc["backprop"])]))[0, 1])
     assert rho > 0.3, rho

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune.importance import REGISTRY, _load_all
+from edgeprune.importance import REGISTRY, load_all
 from edgeprune.models import PLAIN_REFUSAL, load, load_tokenizer, save
 from edgeprune.prune import PruneConfig, prune_model
 from edgeprune.testing import tiny_model
 
-_load_all()
+load_all()
 CHEAP = {"mini-llm": {"n_perturb": 4, "spsa_samples": 2}, "bip": {"lipschitz": "none"}}  # scores only
 
 

@@ -18,6 +18,7 @@ psutil = pytest.importorskip("psutil")
 from edgeprune import testing as T  # noqa: E402
 from edgeprune.allocation import AllocOptions, allocate  # noqa: E402
 from edgeprune.groups import model_groups  # noqa: E402
+from edgeprune.engine import score  # noqa: E402
 from edgeprune.importance import Context, get_method  # noqa: E402
 from edgeprune.models import count_params  # noqa: E402
 
@@ -37,7 +38,7 @@ def setup():
     ids = torch.randint(3, 128, (32, 64), generator=torch.Generator().manual_seed(0))
     ctx = Context(model=m, calib_ids=ids, progress=False)
     with torch.no_grad():
-        s = get_method("wanda-sp").score(m, ctx)
+        s = score(get_method("wanda-sp"), m, ctx)
     return m, ctx, s, model_groups(m), count_params(m)[1]
 
 

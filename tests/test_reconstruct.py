@@ -278,6 +278,7 @@ def test_streamed_reconstruction_equals_in_memory(tiny_dir, tmp_path, method, al
 
 def test_obs_method_ranks_a_useless_group_last(one_thread):
     from edgeprune import testing as T
+    from edgeprune.engine import score
     from edgeprune.importance import Context, get_method
 
     m = T.tiny_model("gqa", layers=2).eval()
@@ -287,7 +288,7 @@ def test_obs_method_ranks_a_useless_group_last(one_thread):
         m.model.layers[0].self_attn.o_proj.weight[:, lg_span:2 * lg_span] *= 1e-4   # KV group 1 barely matters
         m.model.layers[1].mlp.down_proj.weight[:, 5] = 0                            # channel 5 is useless
     ids = torch.randint(3, m.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
-    sc = get_method("obs").score(m, Context(model=m, calib_ids=ids, progress=False))
+    sc = score(get_method("obs"), m, Context(model=m, calib_ids=ids, progress=False))
     assert sc.standardized and len(sc.attn) == len(sc.mlp) == 2
     assert int(sc.attn[0].argmin()) == 1 and int(sc.mlp[1].argmin()) == 5
     assert all(torch.isfinite(t).all() and (t >= 0).all() for t in sc.attn + sc.mlp)

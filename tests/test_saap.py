@@ -5,6 +5,7 @@ import torch
 from edgeprune import testing as T
 from edgeprune.allocation import AllocOptions, allocate
 from edgeprune.groups import model_groups, plan_params
+from edgeprune.engine import score
 from edgeprune.importance import Context, get_method
 from edgeprune.importance.saap import closed_sigma2, fuse, learned_sigma2
 from edgeprune.models import count_params
@@ -66,7 +67,7 @@ def test_saap_end_to_end_ratios_differ_and_meet_target():
     m = T.tiny_model("gqa", layers=6, heads=8, ffn=192)
     ids = torch.randint(3, 128, (8, 32))
     ctx = Context(model=m, calib_ids=ids, options={"sigma": "learned", "sigma_steps": 200}, progress=False)
-    s = get_method("saap").score(m, ctx)
+    s = score(get_method("saap"), m, ctx)
     assert s.info["sigma"] == "learned" and len(s.info["sigma2"]) == 1
     groups, (_, ne) = model_groups(m), count_params(m)
     for ratio, sf, sl in ((0.2, 0, 0), (0.5, 1, 1)):
@@ -88,6 +89,6 @@ def test_saap_allocator_accepts_any_methods_scores():
     for name in ("magnitude", "flap", "wanda-sp"):
         ctx = Context(model=m, calib_ids=ids, progress=False)
         with torch.no_grad():
-            s = get_method(name).score(m, ctx)
+            s = score(get_method(name), m, ctx)
         plan = allocate("saap", s, groups, AllocOptions(ratio=0.3, nonemb_params=ne), ctx)
         assert abs(_prune_fraction(plan, groups, ne) - 0.3) < 0.03

@@ -8,6 +8,7 @@ import torch
 from edgeprune import testing as T
 from edgeprune.allocation import AllocOptions, allocate
 from edgeprune.groups import model_groups, plan_params
+from edgeprune.engine import score
 from edgeprune.importance import Context, get_method
 from edgeprune.models import count_params
 from edgeprune.self_pruner import GABackend, ScriptedBackend, SearchConfig, Space, parse_reply, repair, search
@@ -97,7 +98,7 @@ def test_allocator_on_tiny_model_meets_target_and_beats_uniform(tmp_path):
     ids = torch.randint(3, 128, (12, 32), generator=torch.Generator().manual_seed(0))
     ctx = Context(model=m, calib_ids=ids, progress=False)
     with torch.no_grad():
-        s = get_method("wanda-sp").score(m, ctx)
+        s = score(get_method("wanda-sp"), m, ctx)
     g, ne = model_groups(m), count_params(m)[1]
     ex = {"population": 6, "n_crossover": 3, "n_mutation": 3, "generations": 2, "log": str(tmp_path / "s.jsonl")}
     plan = allocate("self-pruner", s, g, AllocOptions(ratio=0.3, nonemb_params=ne, extra=ex), ctx)

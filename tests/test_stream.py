@@ -112,9 +112,12 @@ def test_pruned_propagation_and_upcast(models, tmp_path):
                                                                       "stream_dtype": "fp32"}), progress=False)
     assert r.achieved_ratio > 0.25
     load(tmp_path / "p")
-    with pytest.raises(EdgepruneError, match="per-layer allocation"):
-        run_prune(models["gqa"], tmp_path / "q", PruneConfig("flap", 0.3, stream=True, **CAL,
-                                                             options={"stream_propagate": "pruned"}), progress=False)
+    # sequential with a global allocation: pass 1 scores on dense inputs, pass 2 runs the layers on pruned ones;
+    # the same engine in memory gives the same model
+    for stream in (True, False):
+        run_prune(models["gqa"], tmp_path / f"g{stream}", PruneConfig("flap", 0.3, stream=stream, **CAL,
+                  options={"stream_propagate": "pruned"}), progress=False)
+    _same_weights(tmp_path / "gTrue", tmp_path / "gFalse")
     with pytest.raises(EdgepruneError, match="cannot stream"):
         run_prune(models["gqa"], tmp_path / "q", PruneConfig("wanda-sp", 0.3, allocation="self-pruner", stream=True,
                                                              **CAL), progress=False)

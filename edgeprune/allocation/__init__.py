@@ -10,14 +10,31 @@ from .base import AllocOptions  # noqa: F401
 ALLOCATORS = {"uniform": "uniform", "global": "global_", "saap": "saap", "self-pruner": "self_pruner"}
 
 
-def allocate(name: str, scores, groups, opts, ctx=None):
+def check_allocation(name: str) -> None:
     if name not in ALLOCATORS:
         raise EdgepruneError(f"unknown allocation '{name}'; choose one of: {', '.join(ALLOCATORS)}")
+
+
+def _module(name: str):
+    check_allocation(name)
     try:
-        mod = importlib.import_module(f"{__name__}.{ALLOCATORS[name]}")
+        return importlib.import_module(f"{__name__}.{ALLOCATORS[name]}")
     except ModuleNotFoundError as e:
         raise EdgepruneError(f"allocation '{name}' is not available in this build ({e.name})") from None
-    plan = mod.allocate(scores, groups, opts, ctx)
+
+
+def per_layer_ratios(name: str, groups, opts) -> list[float] | None:
+    """The per-layer removal fractions of a *per-layer* allocator (known before any score: the engine prunes each
+    layer as soon as it is scored), or None for an allocator that needs every layer's scores first."""
+    if name not in ALLOCATORS or getattr(opts, "uniform_kv", False) or getattr(opts, "uniform_shapes", False):
+        return None   # a runtime shape constraint projects the whole plan (allocation.constraints)
+    mod = _module(name)
+    return mod.layer_ratios(groups, opts) if hasattr(mod, "layer_ratios") else None
+
+
+def allocate(name: str, scores, groups, opts, ctx=None):
+    """Scores -> :class:`~edgeprune.groups.Plan` (pure in the scores: call it for many ratios on one scoring)."""
+    plan = _module(name).allocate(scores, groups, opts, ctx)
     if getattr(opts, "uniform_kv", False) or getattr(opts, "uniform_shapes", False):
         from .constraints import constrain
 

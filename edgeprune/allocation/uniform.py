@@ -5,8 +5,13 @@ from ..groups import Plan
 from .base import AllocOptions, per_layer_plan, uniform_layer_ratio
 
 
+def layer_ratios(groups, opts: AllocOptions) -> list[float]:
+    """Per-layer: every non-skipped layer's fraction follows from the shapes alone."""
+    return uniform_layer_ratio(groups, opts)
+
+
 def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
-    ratios = uniform_layer_ratio(groups, opts)
+    ratios = layer_ratios(groups, opts)
     plan = per_layer_plan(scores.attn, scores.mlp, groups, ratios, opts)
     plan.meta["layer_ratios"] = ratios
     return plan

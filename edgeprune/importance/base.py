@@ -1,17 +1,25 @@
 """The importance-method interface and its registry.
 
 A method scores every coupled group (see :mod:`edgeprune.groups`); higher = more important. Adding a method is
-one module plus one ``@register`` line::
+one module in :mod:`edgeprune.importance` (found by auto-discovery) with one ``@register`` line::
 
     @register("my-method")
     class MyMethod(Method):
+        @dataclass(frozen=True)
+        class Options(MethodOptions):
+            alpha: float = option(0.5, lo=0.0, doc="...")
         default_allocation = "uniform"
-        def score(self, model, ctx): ...  # -> Scores
+        def score_layer(self, layer, lg, stats, opts): ...   # -> LayerScore  (layer scope), or
+        def score(self, model, ctx): ...                     # -> Scores      (model scope)
+
+What a method can do is declared on its class (:class:`Method`): whether it needs calibration statistics or
+gradients, the scope of its loss, whether its scores are already standardized, its default allocation and
+its default skipped layers. Its options are a typed dataclass (:class:`MethodOptions`) checked before any model
+is read (:meth:`Method.parse_options`): a wrong option is one line naming it and its allowed values (exit 2).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 
@@ -27,6 +35,79 @@ def register(name: str):
         REGISTRY[name] = cls
         return cls
     return deco
+
+
+def option(default, choices: tuple | None = None, lo: float | None = None, hi: float | None = None, doc: str = ""):
+    """A typed method option: its default (whose type is the option's type), the allowed values (``choices``)
+    or bounds (``lo`` <= v <= ``hi``), and a one-line description."""
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base of a method's typed options (``--opt key=value``); subclasses add :func:`option` fields."""
+
+    @classmethod
+    def parse(cls, raw: dict, method: str) -> "MethodOptions":
+        """The options of ``raw`` that belong to this class, converted and checked; other keys (allocator, stream
+        and distribution options) are left to their owners."""
+        vals = {}
+        for f in fields(cls):
+            if f.name in raw:
+                vals[f.name] = _convert(f, raw[f.name], method)
+        return cls(**vals)
+
+    @classmethod
+    def describe(cls) -> dict[str, str]:
+        """``name -> allowed values`` (for help texts and errors)."""
+        return {f.name: _allowed(f) for f in fields(cls)}
+
+
+def _allowed(f) -> str:
+    m, typ = f.metadata, type(f.default if f.default is not MISSING else "")
+    if m.get("choices"):
+        return "one of " + ", ".join(str(c) for c in m["choices"])
+    kind = {bool: "true | false", int: "an integer", float: "a number"}.get(typ, "a string")
+    if m.get("lo") is not None and m.get("hi") is not None:
+        return f"{kind} in [{m['lo']}, {m['hi']}]"
+    if m.get("lo") is not None:
+        return f"{kind} >= {m['lo']}"
+    return kind
+
+
+def _convert(f, v, method: str):
+    typ, m = type(f.default), f.metadata
+    bad = EdgepruneError(f"--opt {f.name}={v}: {method}'s {f.name} must be {_allowed(f)}")
+    if typ is bool:
+        if isinstance(v, bool):
+            out = v
+        elif str(v).lower() in ("true", "1", "yes"):
+            out = True
+        elif str(v).lower() in ("false", "0", "no"):
+            out = False
+        else:
+            raise bad
+    elif typ in (int, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and float(v) != int(v)):
+            raise bad
+        out = typ(v)
+        if (m.get("lo") is not None and out < m["lo"]) or (m.get("hi") is not None and out > m["hi"]):
+            raise bad
+    else:
+        out = v if isinstance(v, str) else str(v)
+    if m.get("choices") and out not in m["choices"]:
+        raise bad
+    return out
+
+
+def skip_rule(first: int, last: int, per: int = 32):
+    """A default skipped-layer rule stated for a ``per``-layer model, scaled to the model's depth L:
+    ``(round(first·L/per + 0.49), round(last·L/per + 0.49))`` (LLM-Pruner keeps the first 4 and last 2 of 32)."""
+    return lambda n_layers: [round(first * n_layers / per + 0.49), round(last * n_layers / per + 0.49)]
+
+
+NO_SKIP = skip_rule(0, 0)
+LLM_PRUNER_SKIP = skip_rule(4, 2)   # the one home of LLM-Pruner's default layer range
 
 
 @dataclass
@@ -48,7 +129,8 @@ class Scores:
 
 @dataclass
 class Context:
-    """What a method may use: the calibration token ids, options, a seed, and lazily computed shared statistics."""
+    """What a method may use: the calibration token ids, options, a seed, the model's groups and (given by the
+    engine, :func:`edgeprune.engine.score`) the dense layer-wise calibration statistics."""
 
     model: object
     calib_ids: torch.Tensor
@@ -56,39 +138,99 @@ class Context:
     options: dict = field(default_factory=dict)
     batch_size: int = 16
     progress: bool = True
+    groups: list[LayerGroups] | None = None
+    stats: list | None = None           # per-layer LayerStats, filled by the engine for needs_calibration methods
 
-    @cached_property
-    def groups(self) -> list[LayerGroups]:
-        return model_groups(self.model)
+    def __post_init__(self):
+        if self.groups is None and self.model is not None:
+            self.groups = model_groups(self.model)
 
-    @cached_property
-    def layer_stats(self):
-        """Dense layer-wise statistics (:func:`edgeprune.calibrate.collect`), computed once and shared."""
-        from ..calibrate import collect
+    @property
+    def layer_stats(self) -> list:
+        if self.stats is None:
+            raise EdgepruneError("internal: layer statistics were not collected for this method; score through "
+                                 "edgeprune.engine.score(method, model, ctx)")
+        return self.stats
 
-        return collect(self.model, self.calib_ids, self.batch_size, progress=self.progress)
 
-    def opt(self, key: str, default):
-        return self.options.get(key, default)
+@dataclass
+class LayerScore:
+    """One layer's scores from a per-layer scorer: ``attn`` [n_kv], ``mlp`` [n_ff], FLAP-style ``bias_means``."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    bias_means: dict | None = None
+    info: dict = field(default_factory=dict)
+
+
+class PerLayer:
+    """The default per-layer scorer of a method that defines :meth:`Method.score_layer` (no extra hooks)."""
+
+    def __init__(self, method: "Method", opts: MethodOptions):
+        self.method, self.opts, self.first_info = method, opts, None
+
+    def hooks(self, i: int, layer, lg: LayerGroups) -> list:
+        return []
+
+    def score(self, i: int, layer, lg: LayerGroups, stats):
+        s = self.method.score_layer(layer, lg, stats, self.opts)
+        if self.first_info is None:
+            self.first_info = s.info
+        return s.attn, s.mlp, s.bias_means
+
+    def info(self) -> dict:
+        return dict(self.first_info or {})
 
 
 class Method:
-    name = "base"
-    default_allocation = "uniform"
-    needs_gradients = False
+    """An importance method. Capabilities (class attributes, read by the engine, the CLI and the planner):
 
-    def score(self, model, ctx: Context) -> Scores:  # pragma: no cover - interface
+    * ``Options`` — the typed options dataclass (:class:`MethodOptions`);
+    * ``default_allocation`` — allocator used when none is given;
+    * ``needs_calibration`` — whether it reads calibration statistics (:class:`~edgeprune.calibrate.LayerStats`);
+    * ``needs_gradients`` — whether it runs a backward pass (scoring then runs with autograd enabled);
+    * ``loss_scope`` — ``"layer"``: scores need only the layer and its calibration statistics (streamed scores
+      are identical to in-memory ones); ``"model"``: scores use the model's LM loss (streamed: a block-local
+      loss, see :mod:`edgeprune.stream`);
+    * ``standardized`` — scores are already comparable across layers and modules (global allocation uses them
+      as they are);
+    * ``default_skip(n_layers)`` — the ``[first, last]`` layers kept dense unless ``--skip-first/--skip-last``.
+    """
+
+    name = "base"
+    Options: type[MethodOptions] = MethodOptions
+    default_allocation = "uniform"
+    needs_calibration = True
+    needs_gradients = False
+    loss_scope = "layer"
+    standardized = False
+    default_skip = staticmethod(NO_SKIP)
+
+    @classmethod
+    def parse_options(cls, raw: dict) -> MethodOptions:
+        return cls.Options.parse(raw or {}, cls.name)
+
+    def options(self, ctx: "Context") -> MethodOptions:
+        return self.parse_options(ctx.options)
+
+    # a method implements either score_layer (layer scope: scored inside the engine's loop) or score (model scope)
+    def score_layer(self, layer, lg: LayerGroups, stats, opts: MethodOptions) -> LayerScore:
         raise NotImplementedError
 
+    def has_layer_scorer(self) -> bool:
+        return type(self).score_layer is not Method.score_layer or type(self).layer_scorer is not Method.layer_scorer
 
-def get_method(name: str) -> Method:
-    from . import _load_all
+    def layer_scorer(self, ctx: "Context"):
+        """An object with ``hooks(i, layer, lg)``, ``score(i, layer, lg, stats) -> (attn, mlp, bias_means)`` and
+        ``info()``, used by the engine for every layer in order."""
+        return PerLayer(self, self.options(ctx))
 
-    _load_all()
+    def score(self, model, ctx: "Context") -> "Scores":
+        """Model-level scores (``loss_scope = "model"``). Layer-scope methods are scored by the engine
+        (:func:`edgeprune.engine.score`)."""
+        raise NotImplementedError(f"{self.name} scores per layer; use edgeprune.engine.score(method, model, ctx)")
 
-    if name not in REGISTRY:
-        raise EdgepruneError(f"unknown method '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]()
+
 
 
 # --------------------------------------------------------------------------- helpers shared by methods
@@ -101,32 +243,3 @@ def per_kv_group(channel_scores: torch.Tensor, lg: LayerGroups, reduce: str = "s
 def group_row_sum(w_rows: torch.Tensor, lg: LayerGroups, span: int) -> torch.Tensor:
     """Sum a per-row quantity over consecutive spans (q rows: n_rep·hd per group; k/v rows: hd per group)."""
     return w_rows.reshape(lg.n_kv, span).sum(1)
-
-
-BLOCK_ELEMS = 1 << 20   # elements per float64 working block (8 MB): the transient memory of blockwise scoring
-
-
-def block_len(n_other: int, elems: int = BLOCK_ELEMS) -> int:
-    """Lines (rows or columns) per block when each line has ``n_other`` elements:
-    ``16 · max(1, ⌊elems / (16 · n_other)⌋)`` (a multiple of 16, about ``elems`` elements per block)."""
-    return max(16, elems // max(n_other, 1) // 16 * 16)
-
-
-def per_channel(w: torch.Tensor, fn, dim: int) -> torch.Tensor:
-    """A per-channel reduction of a weight matrix in float64 without a float64 copy of the whole matrix:
-    ``dim=1`` (input columns j) → ``cat_J fn(W[:, J].double())``, ``dim=0`` (output rows i) →
-    ``cat_I fn(W[I, :].double())``, over blocks J (I) of :func:`block_len` lines. ``fn`` maps a float64 block
-    (which it may modify in place) to one value per line of it, reducing over the *whole* other dimension — so
-    every channel sees exactly the reduction it would see on the whole matrix (e.g. ``fn = lambda b:
-    b.abs_().mean(0)`` gives ``mean_i |W_ij|``). The result is float64 on W's device; W is never written."""
-    w = w.detach()
-    n = w.shape[dim]
-    step = block_len(w.shape[1 - dim])
-    # the result is allocated up front: a small tensor kept per block would sit in the freed block's place and
-    # push the next block to fresh heap (glibc), growing the resident memory block after block
-    out = torch.empty(n, dtype=torch.float64, device=w.device)
-    for a in range(0, n, step):
-        blk = (w[:, a:a + step] if dim == 1 else w[a:a + step]).to(torch.float64, copy=True)
-        out[a:a + step] = fn(blk)
-        del blk
-    return out

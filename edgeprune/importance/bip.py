@@ -25,12 +25,13 @@ continuity. Everything below is ours [R], derived from the LLaMA block
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Context, Method, Scores, block_len, per_channel, register
-from ..calibrate import collect
+from .base import Context, Method, MethodOptions, option, register
+from ..numerics import block_len, per_channel
 from ..groups import LayerGroups
-from ..models import decoder_layers
 
 
 def down_col_norm(w_down: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def attn_group_change(w_o: torch.Tensor, o: torch.Tensor, lg: LayerGroups) -> to
 
 def mm(x: torch.Tensor, w: torch.Tensor, dt: torch.dtype, t: bool = False) -> torch.Tensor:
     """``x·Wᵀ`` (``t``) or ``x·W`` in ``dt``. A weight stored in another dtype is converted one block of output
-    columns at a time (``W[I]`` rows for ``x·Wᵀ``, ``W[:, J]`` columns for ``x·W``, :func:`~.base.block_len`
+    columns at a time (``W[I]`` rows for ``x·Wᵀ``, ``W[:, J]`` columns for ``x·W``, :func:`~edgeprune.numerics.block_len`
     lines each), never as a whole: ``out[:, I] = x·W[I].to(dt)ᵀ`` (each output column is the same dot product)."""
     if w.dtype == dt:
         return x @ (w.T if t else w)
@@ -123,56 +124,68 @@ def token_lipschitz(layer, h: torch.Tensor, iters: int = 30, residual: bool = Fa
 class BIP(Method):
     """LLM-BIP: block-output effect of each unit from one forward pass; see the module docstring."""
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        lipschitz: str = option("one_plus", choices=("one_plus", "residual", "none"), doc="the K of a block")
+        mlp_agg: str = option("rms", choices=("rms", "abs"), doc="aggregation of MLP activations over tokens")
+        lip_tokens: int = option(64, lo=1, doc="tokens of the Lipschitz estimate")
+        lip_iters: int = option(20, lo=1, doc="power iterations")
+
     default_allocation = "uniform"
 
+    def layer_scorer(self, ctx: Context) -> "BIPScorer":
+        return BIPScorer(self.options(ctx), ctx.seed)
+
+
+class BIPScorer:
+    """LLM-BIP per layer (the engine calls it for layers 0, 1, ... in order): hooks on ``o_proj`` / ``down_proj``
+    (and the post-attention norm for K) accumulate during the layer's calibration forward, then
+    :meth:`score` forms the scores. The token sampler's generator (seed ``seed``) runs across layers in order;
+    layer i's power iteration uses seed ``seed + i``."""
+
+    def __init__(self, opts, seed: int):
+        self.o, self.seed = opts, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ks, self.acc = [], {}
+
+    def hooks(self, i: int, layer, lg: LayerGroups) -> list:
+        self.acc = st = {"attn": torch.zeros(lg.n_kv, dtype=torch.float64),
+                         "abs": torch.zeros(lg.n_mlp, dtype=torch.float64), "n": 0, "h": []}
+        n_tok = self.o.lip_tokens
+
+        def o_hook(mod, args):
+            st["attn"] += attn_group_change(mod.weight, args[0], lg).sum(0).cpu()
+            st["n"] += args[0].shape[0] * args[0].shape[1]
+
+        def d_hook(mod, args):
+            st["abs"] += abs_col_sum(args[0]).cpu()
+
+        def h_hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            k = min(x.shape[0], max(n_tok // 4, 1))
+            st["h"].append(x[torch.randperm(x.shape[0], generator=self.gen)[:k].to(x.device)].clone())
+
+        hs = [layer.self_attn.o_proj.register_forward_pre_hook(o_hook),
+              layer.mlp.down_proj.register_forward_pre_hook(d_hook)]
+        if self.o.lipschitz != "none":
+            hs.append(layer.post_attention_layernorm.register_forward_pre_hook(h_hook))
+        return hs
+
     @torch.no_grad()
-    def score(self, model, ctx: Context) -> Scores:
-        lip, mlp_agg = ctx.opt("lipschitz", "one_plus"), ctx.opt("mlp_agg", "rms")
-        n_tok, iters = int(ctx.opt("lip_tokens", 64)), int(ctx.opt("lip_iters", 20))
-        if lip not in ("one_plus", "residual", "none") or mlp_agg not in ("rms", "abs"):
-            raise ValueError("bip options: lipschitz one_plus|residual|none, mlp_agg rms|abs")
-        groups = ctx.groups
-        acc: dict = {}
-        gen = torch.Generator().manual_seed(ctx.seed)
+    def score(self, i: int, layer, lg: LayerGroups, st):
+        a, lip = self.acc, self.o.lipschitz
+        if lip == "none":
+            k = 1.0
+        else:
+            h = torch.cat(a["h"])[: self.o.lip_tokens]
+            sig = token_lipschitz(layer, h, self.o.lip_iters, residual=lip == "residual", seed=self.seed + i)
+            k = float(sig.max()) + (1.0 if lip == "one_plus" else 0.0)
+        wn = down_col_norm(layer.mlp.down_proj.weight).cpu()
+        act = (st.down_in.sq / st.down_in.n).sqrt().cpu() if self.o.mlp_agg == "rms" else a["abs"] / st.down_in.n
+        self.ks.append(k)
+        self.acc = {}
+        return k * a["attn"] / max(a["n"], 1), wn * act, None
 
-        def extra(i, layer):
-            lg = groups[i]
-            acc[i] = {"attn": torch.zeros(lg.n_kv, dtype=torch.float64), "abs": torch.zeros(lg.n_mlp, dtype=torch.float64),
-                      "n": 0, "h": []}
-            st = acc[i]
-
-            def o_hook(mod, args):
-                st["attn"] += attn_group_change(mod.weight, args[0], lg).sum(0)
-                st["n"] += args[0].shape[0] * args[0].shape[1]
-
-            def d_hook(mod, args):
-                st["abs"] += abs_col_sum(args[0])
-
-            def h_hook(mod, args):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                k = min(x.shape[0], max(n_tok // 4, 1))
-                st["h"].append(x[torch.randperm(x.shape[0], generator=gen)[:k]].clone())
-
-            hs = [layer.self_attn.o_proj.register_forward_pre_hook(o_hook),
-                  layer.mlp.down_proj.register_forward_pre_hook(d_hook)]
-            if lip != "none":
-                hs.append(layer.post_attention_layernorm.register_forward_pre_hook(h_hook))
-            return hs
-
-        stats = collect(model, ctx.calib_ids, ctx.batch_size, extra=extra, progress=ctx.progress)
-        attn, mlp, ks = [], [], []
-        for i, (layer, lg, st) in enumerate(zip(decoder_layers(model), groups, stats)):
-            a = acc[i]
-            if lip == "none":
-                k = 1.0
-            else:
-                h = torch.cat(a["h"])[:n_tok]
-                sig = token_lipschitz(layer, h, iters, residual=lip == "residual", seed=ctx.seed + i)
-                k = float(sig.max()) + (1.0 if lip == "one_plus" else 0.0)
-            wn = down_col_norm(layer.mlp.down_proj.weight)
-            act = (st.down_in.sq / st.down_in.n).sqrt() if mlp_agg == "rms" else a["abs"] / st.down_in.n
-            mlp.append(wn * act)
-            attn.append(k * a["attn"] / max(a["n"], 1))
-            ks.append(k)
-        return Scores(attn, mlp, info={"lipschitz": lip, "K": ks, "mlp_agg": mlp_agg, "lip_tokens": n_tok,
-                                       "forward_passes": 1})
+    def info(self) -> dict:
+        return {"lipschitz": self.o.lipschitz, "K": self.ks, "mlp_agg": self.o.mlp_agg,
+                "lip_tokens": self.o.lip_tokens, "forward_passes": 1}

@@ -12,7 +12,7 @@ Ours [R] (Eq. 7 and 9 not available):
   ``c_q = (L(W + εz_q) − L(W − εz_q)) / (2ε)`` on the batch B (``spsa_samples`` × ``spsa_len`` calibration
   tokens, LM loss), and ``ĝ = (1/Q) Σ_q c_q z_q``. Only the Q scalars c_q are kept. z of member k is the
   N(0, 1) stream (in W's dtype) of one generator seeded ``s_q·1 000 003 + k``, drawn one block of rows at a
-  time (:func:`noise_blocks`; blocks of :func:`~.base.block_len` rows): the perturbation, the estimate ĝ
+  time (:func:`noise_blocks`; blocks of :func:`~edgeprune.numerics.block_len` rows): the perturbation, the estimate ĝ
   (accumulated in float32, float64 for float64 weights) and the score all work block by block, so memory
   stays at a forward pass plus a few blocks — never a copy of a weight matrix.
 * Perturbation (option ``perturb``): ``functional`` (default) — W is never written; each Linear computes its
@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Context, Method, Scores, block_len, register
-from .taylor import MEMBERS, _get, backward_grads
+from .base import Context, Method, MethodOptions, Scores, option, register
+from ..numerics import block_len
+from .taylor import MEMBERS, submodule, backward_grads
 from ..models import decoder_layers
 
 STAT_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
@@ -46,11 +47,11 @@ STAT_OF = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_a
 
 
 def member_linears(model) -> list[tuple[tuple[int, str], torch.nn.Linear]]:
-    return [((i, p), _get(layer, p)) for i, layer in enumerate(decoder_layers(model)) for p, *_ in MEMBERS]
+    return [((i, p), submodule(layer, p)) for i, layer in enumerate(decoder_layers(model)) for p, *_ in MEMBERS]
 
 
 def row_blocks(like: torch.Tensor) -> list[tuple[int, int]]:
-    """The row blocks ``[r0, r1)`` in which z, ĝ and the scores of a weight matrix are made (:func:`~.base.block_len`
+    """The row blocks ``[r0, r1)`` in which z, ĝ and the scores of a weight matrix are made (:func:`~edgeprune.numerics.block_len`
     rows each, the last one shorter)."""
     n = like.shape[0]
     step = block_len(like[0].numel()) if like.dim() > 1 else max(n, 1)
@@ -188,28 +189,36 @@ def _slices(g: torch.Tensor):
 class MiniLLM(Method):
     """MINI-LLM: ``S_ij = |W_ij ĝ_ij|·‖X_j‖₂`` with SPSA ĝ (forward passes only); see the module docstring."""
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        eps: float = option(1e-3, lo=1e-12, doc="SPSA perturbation scale")
+        n_perturb: int = option(64, lo=1, doc="SPSA perturbations")
+        variant: str = option("norm", choices=("norm", "mean"), doc="activation factor: ||X_j|| or |mean x_j|")
+        perturb: str = option("functional", choices=("functional", "inplace"), doc="how W + eps z is applied")
+        grad: str = option("spsa", choices=("spsa", "backprop"), doc="gradient estimate")
+        spsa_samples: int = option(8, lo=1, doc="calibration rows of the SPSA loss")
+        spsa_len: int = option(128, lo=2, doc="tokens per row of the SPSA loss")
+        spsa_batch: int = option(1, lo=1, doc="rows per forward pass")
+
     default_allocation = "uniform"
+    loss_scope = "model"
 
     @torch.no_grad()
     def score(self, model, ctx: Context) -> Scores:
-        eps, Q = float(ctx.opt("eps", 1e-3)), int(ctx.opt("n_perturb", 64))
-        variant, mode, gsrc = ctx.opt("variant", "norm"), ctx.opt("perturb", "functional"), ctx.opt("grad", "spsa")
-        if variant not in ("norm", "mean"):
-            raise ValueError(f"mini-llm variant {variant} unknown; use norm or mean")
-        ids = ctx.calib_ids[: int(ctx.opt("spsa_samples", 8)), : int(ctx.opt("spsa_len", 128))]
+        o = self.options(ctx)
+        eps, Q, variant, mode, gsrc = o.eps, o.n_perturb, o.variant, o.perturb, o.grad
+        ids = ctx.calib_ids[: o.spsa_samples, : o.spsa_len]
         stats = ctx.layer_stats
         members = member_linears(model)
         if gsrc == "spsa":
-            est = spsa_estimate(model, ids, eps, Q, ctx.seed, mode, int(ctx.opt("spsa_batch", 1)))
+            est = spsa_estimate(model, ids, eps, Q, ctx.seed, mode, o.spsa_batch)
             gfun = lambda k, key, w: est.grad_blocks(k, w)
             extra = {"spsa_loss_diffs": [round(c * 2 * eps, 8) for c in est.coeffs[:8]]}
-        elif gsrc == "backprop":
+        else:   # backprop
             with torch.enable_grad():
                 grads, _ = backward_grads(model, ids, batch_size=1)
             gfun = lambda k, key, w: _slices(grads[key])
             extra = {}
-        else:
-            raise ValueError(f"mini-llm grad {gsrc} unknown; use spsa or backprop")
         attn = [torch.zeros(lg.n_kv, dtype=torch.float64) for lg in ctx.groups]
         mlp = [torch.zeros(lg.n_mlp, dtype=torch.float64) for lg in ctx.groups]
         dims = {p: d for p, d, *_ in MEMBERS}

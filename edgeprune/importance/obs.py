@@ -16,10 +16,11 @@ groups are removed per step above it; default 256).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import Context, Method, Scores, register
-from ..models import decoder_layers
+from .base import Context, Method, MethodOptions, option, register
 
 
 def gram_collector(store: list):
@@ -50,25 +51,38 @@ def ranked_scores(order: list[int], costs: list[float], n: int, params: int) -> 
 class OBS(Method):
     """Structured OBS cost (module docstring). Default allocation: ``global``."""
 
-    default_allocation = "global"
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        obs_damp: float = option(0.01, lo=0.0, doc="damping relative to mean(diag H)")
+        obs_steps: int = option(256, lo=1, doc="greedy steps per projection at most")
 
-    def score(self, model, ctx: Context) -> Scores:
+    default_allocation = "global"
+    standardized = True
+
+    def layer_scorer(self, ctx: Context) -> "OBSScorer":
+        return OBSScorer(self.options(ctx))
+
+
+class OBSScorer:
+    """Per layer: Gram statistics of the ``o_proj`` / ``down_proj`` inputs during the layer's calibration forward
+    (:func:`gram_collector`), then the greedy OBS order of each projection; the Gram matrices are freed at once."""
+
+    def __init__(self, opts):
+        self.o, self.grams = opts, []
+
+    def hooks(self, i: int, layer, lg) -> list:
+        return gram_collector(self.grams)(i, layer)
+
+    def score(self, i: int, layer, lg, st):
         from ..reconstruct import obs_order
 
-        damp, steps = float(ctx.opt("obs_damp", 0.01)), int(ctx.opt("obs_steps", 256))
-        grams = ctx.__dict__.get("grams")
-        if grams is None:
-            from ..calibrate import collect
+        g, span = self.grams[i], lg.n_rep * lg.head_dim
+        damp, steps = self.o.obs_damp, self.o.obs_steps
+        oa, ca = obs_order(layer.self_attn.o_proj.weight.data, g["o"], span, damp, steps, f"layer {i} o_proj")
+        om, cm = obs_order(layer.mlp.down_proj.weight.data, g["down"], 1, damp, steps, f"layer {i} down_proj")
+        self.grams[i] = None   # free the layer's Gram matrices as soon as they are used
+        return (ranked_scores(oa, ca, lg.n_kv, lg.attn_group_params),
+                ranked_scores(om, cm, lg.n_mlp, lg.mlp_group_params), None)
 
-            grams = []
-            collect(model, ctx.calib_ids, ctx.batch_size, extra=gram_collector(grams), progress=ctx.progress)
-        attn, mlp = [], []
-        for i, (layer, lg) in enumerate(zip(decoder_layers(model), ctx.groups)):
-            g = grams[i]
-            span = lg.n_rep * lg.head_dim
-            oa, ca = obs_order(layer.self_attn.o_proj.weight.data, g["o"], span, damp, steps, f"layer {i} o_proj")
-            om, cm = obs_order(layer.mlp.down_proj.weight.data, g["down"], 1, damp, steps, f"layer {i} down_proj")
-            attn.append(ranked_scores(oa, ca, lg.n_kv, lg.attn_group_params))
-            mlp.append(ranked_scores(om, cm, lg.n_mlp, lg.mlp_group_params))
-            grams[i] = None   # free the layer's Gram matrices as soon as they are used
-        return Scores(attn, mlp, standardized=True, info={"obs_damp": damp, "obs_steps": steps})
+    def info(self) -> dict:
+        return {"obs_damp": self.o.obs_damp, "obs_steps": self.o.obs_steps}

@@ -28,10 +28,11 @@ Default allocation: ``saap`` (importance-fluctuation layer ratios). Skipped laye
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import Context, Method, Scores, register
+from .base import LLM_PRUNER_SKIP, Context, Method, MethodOptions, Scores, option, register
 from .taylor import backward_grads, group_taylor
 
 SCOPES = ("global", "module", "layer")
@@ -107,23 +108,32 @@ class SAAP(Method):
     Options: ``sigma`` closed|learned, ``sigma_scope`` global|module|layer, ``elem`` param_first|param_second|
     param_mix, ``grad_samples``, ``grad_len``, ``sigma_steps``, ``sigma_lr``."""
 
+    @dataclass(frozen=True)
+    class Options(MethodOptions):
+        elem: str = option("param_first", choices=("param_first", "param_second", "param_mix"),
+                           doc="element-wise Taylor kind")
+        sigma: str = option("closed", choices=("closed", "learned"), doc="how the fusion weights are found")
+        sigma_scope: str = option("global", choices=SCOPES, doc="groups that share one sigma")
+        grad_samples: int = option(10, lo=1, doc="calibration rows in the backward pass")
+        grad_len: int = option(64, lo=2, doc="tokens per row in the backward pass")
+        sigma_steps: int = option(500, lo=1, doc="Adam steps (sigma=learned)")
+        sigma_lr: float = option(0.1, lo=0.0, doc="Adam learning rate (sigma=learned)")
+
     default_allocation = "saap"
+    needs_calibration = False
     needs_gradients = True
+    loss_scope = "model"
+    default_skip = staticmethod(LLM_PRUNER_SKIP)
 
     def score(self, model, ctx: Context) -> Scores:
-        elem = ctx.opt("elem", "param_first")
-        sigma, scope = ctx.opt("sigma", "closed"), ctx.opt("sigma_scope", "global")
-        if elem not in ("param_first", "param_second", "param_mix"):
-            raise ValueError(f"SAAP elem {elem} unknown; use param_first, param_second or param_mix")
-        ids = ctx.calib_ids[: int(ctx.opt("grad_samples", 10)), : int(ctx.opt("grad_len", 64))]
+        o = self.options(ctx)
+        elem, sigma, scope = o.elem, o.sigma, o.sigma_scope
+        ids = ctx.calib_ids[: o.grad_samples, : o.grad_len]
         grads, fisher = backward_grads(model, ids, batch_size=1, fisher=elem != "param_first")
         g = lambda i, p: grads[(i, p)]
         f = (lambda i, p: fisher[(i, p)]) if fisher else None
         vec = group_taylor(model, ctx.groups, g, None, "vectorize")
         el = group_taylor(model, ctx.groups, g, f, elem)
-        attn, mlp, info = fuse(vec, el, sigma, scope, steps=int(ctx.opt("sigma_steps", 500)),
-                               lr=float(ctx.opt("sigma_lr", 0.1)))
-        L = len(ctx.groups)
+        attn, mlp, info = fuse(vec, el, sigma, scope, steps=o.sigma_steps, lr=o.sigma_lr)
         return Scores(attn, mlp, info={**info, "elem": elem, "grad_samples": int(ids.shape[0]),
-                                       "grad_len": int(ids.shape[1]),
-                                       "skip_default": [round(4 * L / 32 + 0.49), round(2 * L / 32 + 0.49)]})
+                                       "grad_len": int(ids.shape[1])})

@@ -42,7 +42,7 @@ MEMBERS = (("self_attn.q_proj", 0, "attn", "q"), ("self_attn.k_proj", 0, "attn",
            ("mlp.gate_proj", 0, "mlp", "c"), ("mlp.up_proj", 0, "mlp", "c"), ("mlp.down_proj", 1, "mlp", "c"))
 
 
-def _get(layer, path: str):
+def submodule(layer, path: str):
     mod = layer
     for p in path.split("."):
         mod = getattr(mod, p)
@@ -99,7 +99,7 @@ def group_taylor(model, groups: list[LayerGroups], grad: Callable[[int, str], to
         a = torch.zeros(lg.n_kv, dtype=torch.float64)
         c = torch.zeros(lg.n_mlp, dtype=torch.float64)
         for path, dim, which, span in MEMBERS:
-            w = _get(layer, path).weight.data
+            w = submodule(layer, path).weight.data
             s = salience(w, grad(i, path) if kind != "param_second" else None,
                          fisher(i, path) if fisher is not None and kind in ("param_second", "param_mix") else None,
                          kind, dim)
@@ -121,7 +121,7 @@ def backward_grads(model, ids: torch.Tensor, batch_size: int = 1, fisher: bool =
     params = {}
     for i, layer in enumerate(decoder_layers(model)):
         for path, *_ in MEMBERS:
-            params[(i, path)] = _get(layer, path).weight
+            params[(i, path)] = submodule(layer, path).weight
     req = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

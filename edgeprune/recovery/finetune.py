@@ -43,7 +43,7 @@ import torch
 
 from .. import __version__
 from ..errors import EdgepruneError
-from ..models import _read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
+from ..models import read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
 from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours, remove_stale_temps
 from .stream import TokenStream
 
@@ -246,7 +246,7 @@ def resolve_teacher(model_dir: str | Path, teacher: str | None) -> str | None:
     """
     if teacher in (None, "none"):
         return None
-    own = _read_config(Path(model_dir))
+    own = read_config(Path(model_dir))
     if teacher != "auto":
         return _checked_teacher(model_dir, own, teacher)
     src = _provenance(own).get("source_model")
@@ -264,7 +264,7 @@ def _checked_teacher(model_dir: str | Path, own: dict, teacher: str) -> str | No
         check_model_dir(teacher)
     except EdgepruneError as e:
         raise EdgepruneError(f"--teacher {teacher}: {e}") from None
-    vocab = _read_config(Path(teacher))["vocab_size"]
+    vocab = read_config(Path(teacher))["vocab_size"]
     if vocab != own["vocab_size"]:
         raise EdgepruneError(f"--teacher {teacher} has vocabulary {vocab}, the model has {own['vocab_size']}; "
                              "give the dense model this one was pruned from, or --teacher none")

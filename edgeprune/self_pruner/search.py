@@ -114,7 +114,7 @@ class SearchResult:
     events: list[dict] = field(default_factory=list)
 
 
-def _key(p) -> tuple:
+def genome_key(p) -> tuple:
     return tuple(round(float(x), 6) for x in p)
 
 
@@ -136,7 +136,7 @@ def search(space: Space, fitness: Callable[[list[float]], float], backend, cfg: 
             except json.JSONDecodeError:
                 continue  # a torn last line from an interrupted run
             if e.get("event") == "eval":
-                cache[_key(e["p"])] = float(e["fitness"])
+                cache[genome_key(e["p"])] = float(e["fitness"])
             elif e.get("event") == "proposal":
                 replay[(int(e["gen"]), e["op"])] = e["children"]
     fh = logp.open("a") if logp else None
@@ -168,7 +168,7 @@ def search(space: Space, fitness: Callable[[list[float]], float], backend, cfg: 
         nonlocal n_eval
         out = []
         for c in kids:
-            k = _key(c)
+            k = genome_key(c)
             if k not in cache:
                 f = float(fitness(c))
                 cache[k] = f if math.isfinite(f) else float("inf")
@@ -177,7 +177,7 @@ def search(space: Space, fitness: Callable[[list[float]], float], backend, cfg: 
             out.append(Individual(c, cache[k]))
         return out
 
-    rank = lambda ind: (ind.fitness, _key(ind.p))
+    rank = lambda ind: (ind.fitness, genome_key(ind.p))
     pop = sorted(evaluate(0, propose(0, "init", [], cfg.population)), key=rank)[:cfg.population]
     history = [pop[0].fitness]
     emit({"event": "generation", "gen": 0, "best": pop[0].fitness, "best_p": pop[0].p})
@@ -185,8 +185,8 @@ def search(space: Space, fitness: Callable[[list[float]], float], backend, cfg: 
         kids = propose(gen, "crossover", pop, cfg.n_crossover) + propose(gen, "mutation", pop, cfg.n_mutation)
         merged, seen = [], set()
         for ind in pop + evaluate(gen, kids):
-            if _key(ind.p) not in seen:
-                seen.add(_key(ind.p))
+            if genome_key(ind.p) not in seen:
+                seen.add(genome_key(ind.p))
                 merged.append(ind)
         pop = sorted(merged, key=rank)[:cfg.population]
         history.append(pop[0].fitness)

@@ -212,8 +212,9 @@ ALLOWED = {
     ("exporters/onnx_export.py", "to_fp16"),            # same
     ("exporters/onnx_export.py", "to_int8"),            # same
     ("edgeprune/self_pruner/search.py", "search"),      # append-only JSONL log; a torn last line is skipped on resume
-    ("edgeprune/stream.py", "write"),                   # ShardWriter: shards into run_prune_streamed's atomic_dir
-    ("edgeprune/stream.py", "finish"),                  # same (the shard index)
+    ("edgeprune/checkpoint.py", "write"),               # ShardWriter: shards into the ShardSink's atomic_dir
+    ("edgeprune/checkpoint.py", "finish"),              # same (the shard index)
+    ("edgeprune/layer_io.py", "finish"),                # ShardSink: config, report into its atomic_dir
     ("exporters/remote.py", "push"),                    # LocalTransport: a copy into the scratch "device" folder
 }
 

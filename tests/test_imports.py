@@ -1,0 +1,107 @@
+"""Module structure: no import cycles between the project's modules and no private name imported across modules.
+
+The graph is read from the source (``ast``), so imports inside functions count as well: a cycle hidden behind a
+lazy import is still a cycle. An edge ``a -> b`` exists when module ``a`` imports module ``b`` or a name from it
+(``from .b import x``). Importing a package (``from .importance import get_method``) is an edge to the
+package's ``__init__`` only.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("edgeprune", "exporters", "device_profiles")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = f
+    return out
+
+
+def _absolute(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = mod.split(".")
+    base = base if is_pkg else base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
+    """(graph, private-name imports) over the project's modules."""
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    private = []
+    for mod, f in mods.items():
+        is_pkg = f.name == "__init__.py"
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                graph[mod] |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                target = _absolute(mod, is_pkg, node)
+                if target not in mods:
+                    continue
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    if sub in mods:                     # from .pkg import module
+                        graph[mod].add(sub)
+                    else:
+                        graph[mod].add(target)
+                        if a.name.startswith("_") and not a.name.startswith("__") and target != mod:
+                            private.append(f"{mod} imports {target}.{a.name}")
+    for m in graph:
+        graph[m].discard(m)
+    return graph, private
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, n = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = n[0]
+        n[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph, _ = imports(modules())
+    assert cycles(graph) == []
+
+
+def test_no_private_names_across_modules():
+    _, private = imports(modules())
+    assert private == []
+
+
+def test_the_walk_sees_a_cycle(tmp_path):
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(g) == [["a", "b", "c"]]
