@@ -177,6 +177,44 @@ def _figure(where: str, fld: str, raw: Any) -> Figure:
     return Figure(_number(where, f"device.{fld}", raw["value"], typ, lo, incl, hi), src.strip())
 
 
+def _device_figures(where: str, raw: dict, device_defaults: dict[str, Figure] | None) -> dict[str, Figure]:
+    """The profile's ``device`` figures (over ``device_defaults``), each checked; all of :data:`FIGURES` present."""
+    dev = raw.get("device", {})
+    if dev is None:
+        dev = {}
+    if not isinstance(dev, dict):
+        raise _err(where, "device", f"must be a mapping of figures, got {type(dev).__name__}")
+    unknown = set(dev) - set(FIGURES)
+    if unknown:
+        raise _err(where, f"device.{sorted(unknown)[0]}", f"is not a known figure (known: {', '.join(FIGURES)}); remove or rename it")
+    figs: dict[str, Figure] = dict(device_defaults or {})
+    for k, v in dev.items():
+        figs[k] = _figure(where, k, v)
+    for k in FIGURES:
+        if k not in figs:
+            raise _err(where, f"device.{k}", "is missing; add {value: X, source: '...'}")
+    return figs
+
+
+def _budgets(where: str, raw: dict) -> Budgets:
+    bud = raw["budgets"]
+    if not isinstance(bud, dict):
+        raise _err(where, "budgets", f"must be a mapping, got {type(bud).__name__}")
+    unknown = set(bud) - set(BUDGETS)
+    if unknown:
+        raise _err(where, f"budgets.{sorted(unknown)[0]}", f"is not a known budget (known: {', '.join(BUDGETS)}); remove or rename it")
+    bvals: dict[str, float | None] = {}
+    for k, (required, lo) in BUDGETS.items():
+        v = bud.get(k)
+        if v is None:
+            if required:
+                raise _err(where, f"budgets.{k}", "is missing; add it")
+            bvals[k] = None
+            continue
+        bvals[k] = _number(where, f"budgets.{k}", v, float, lo, False, None)
+    return Budgets(**bvals)
+
+
 def validate(raw: Any, where: str, device_defaults: dict[str, Figure] | None = None) -> DeviceProfile:
     """Check a parsed YAML mapping and build a :class:`DeviceProfile`. ``device_defaults`` supplies figures the
     YAML may omit (used for ``base: host``)."""
@@ -217,37 +255,8 @@ def validate(raw: Any, where: str, device_defaults: dict[str, Figure] | None = N
         raise _err(where, "allowed_quants", f"lists a quant twice ({aq}); remove the duplicate")
     ctx = _number(where, "context_length", raw["context_length"], int, 1, True, 1 << 22)
 
-    dev = raw.get("device", {})
-    if dev is None:
-        dev = {}
-    if not isinstance(dev, dict):
-        raise _err(where, "device", f"must be a mapping of figures, got {type(dev).__name__}")
-    unknown = set(dev) - set(FIGURES)
-    if unknown:
-        raise _err(where, f"device.{sorted(unknown)[0]}", f"is not a known figure (known: {', '.join(FIGURES)}); remove or rename it")
-    figs: dict[str, Figure] = dict(device_defaults or {})
-    for k, v in dev.items():
-        figs[k] = _figure(where, k, v)
-    for k in FIGURES:
-        if k not in figs:
-            raise _err(where, f"device.{k}", "is missing; add {value: X, source: '...'}")
-
-    bud = raw["budgets"]
-    if not isinstance(bud, dict):
-        raise _err(where, "budgets", f"must be a mapping, got {type(bud).__name__}")
-    unknown = set(bud) - set(BUDGETS)
-    if unknown:
-        raise _err(where, f"budgets.{sorted(unknown)[0]}", f"is not a known budget (known: {', '.join(BUDGETS)}); remove or rename it")
-    bvals: dict[str, float | None] = {}
-    for k, (required, lo) in BUDGETS.items():
-        v = bud.get(k)
-        if v is None:
-            if required:
-                raise _err(where, f"budgets.{k}", "is missing; add it")
-            bvals[k] = None
-            continue
-        bvals[k] = _number(where, f"budgets.{k}", v, float, lo, False, None)
-    budgets = Budgets(**bvals)
+    figs = _device_figures(where, raw, device_defaults)
+    budgets = _budgets(where, raw)
 
     # cross-field impossibilities
     ram_mb = figs["ram_gb"].value * 1024

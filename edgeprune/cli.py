@@ -281,14 +281,18 @@ def cmd_validate(a) -> int:
 
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    from exporters.ppl import DEFAULT_CHUNKS as DEFAULT_PPL_CHUNKS
-
-    from .allocation import ALLOCATORS
-    from .importance import method_names
-
     p = _Parser(prog="edgeprune", description="Structured pruning of LLaMA-family models for edge devices")
     p.add_argument("--version", action="version", version=__import__("edgeprune").__version__)
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    _add_prune(sub)
+    _add_model_commands(sub)
+    _add_optional(sub)
+    return p
+
+
+def _add_prune(sub) -> None:
+    from .allocation import ALLOCATORS
+    from .importance import method_names
 
     s = sub.add_parser("prune", help="prune a model structurally")
     s.add_argument("model")
@@ -328,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_prune)
+
+
+def _add_model_commands(sub) -> None:
+    """eval, info, export, verify, validate."""
+    from exporters.ppl import DEFAULT_CHUNKS as DEFAULT_PPL_CHUNKS
 
     s = sub.add_parser("eval", help="perplexity, zero-shot accuracy and speed in PyTorch")
     s.add_argument("model")
@@ -384,9 +393,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=4)
     s.add_argument("--json", default=None)
     s.set_defaults(fn=cmd_validate)
-
-    _add_optional(sub)
-    return p
 
 
 def _add_optional(sub) -> None:

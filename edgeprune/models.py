@@ -144,14 +144,19 @@ def resize_to_shapes(model, shapes: list[LayerShape]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- loading
+def config_json(f: Path):
+    """The parsed contents of a ``config.json`` (one line naming the file when it is not valid JSON)."""
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgepruneError(f"{f} is not valid JSON ({e}); restore the model's config.json") from None
+
+
 def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise EdgepruneError(f"{path} has no config.json; pass a Hugging Face model directory")
-    try:
-        d = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgepruneError(f"{cfg_file} is not valid JSON ({e}); restore the model's config.json") from None
+    d = config_json(cfg_file)
     if not isinstance(d, dict):
         raise EdgepruneError(f"{cfg_file} is not a JSON object; restore the model's config.json")
     d = restore_model_type(d)

@@ -171,82 +171,17 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
             from .planner import HostCalibration
 
             profile = planner.apply_calibration(profile, HostCalibration(**cal["calibration"]))
-
-        # 2. plan
-        if not st.done("plan"):
-            _log(f"stage plan: fitting {src.name} to {profile.name}")
-            try:
-                res = planner.plan(str(src), profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct)
-            except BudgetError as e:
-                r = getattr(e, "result", None)
-                if r is not None:
-                    with atomic_file(out / "plan.json") as tmp:
-                        tmp.write_text(json_text(r.to_dict()))
-                raise
-            with atomic_file(out / "plan.json") as tmp:
-                tmp.write_text(json_text(res.to_dict()))
-            print(planner.format_table(res))
-            _log(res.explanation)
-            st.mark("plan", {"quant": res.chosen.quant, "ratio": res.chosen.ratio, "explanation": res.explanation})
-        plan = st.done("plan")
-
-        # 3. prune
-        model_dir = src
-        if plan["ratio"] > 0:
-            if not st.done("prune"):
-                _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
-                from .prune import PruneConfig, run_prune
-
-                ratio, tries = plan["ratio"], []
-                while True:
-                    # the planner assumed uniform shapes; a method's own allocation may keep other layers (e.g.
-                    # more KV heads): predict the real shapes and prune harder (+0.05) until they fit too
-                    pc = PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation,
-                                     calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple,
-                                     uniform_kv=profile.uniform_kv, uniform_shapes=profile.uniform_shapes)
-                    r = run_prune(src, out / "pruned", pc, overwrite=True)
-                    p = planner.predict(str(out / "pruned"), plan["quant"], profile)
-                    fits, short = planner.check(p, profile, cfg.margin_pct / 100)
-                    tries.append({"ratio": ratio, "achieved_ratio": r.achieved_ratio, "fits": fits})
-                    if all(fits.values()) or ratio >= 0.9:
-                        break
-                    _log(f"pruned shapes miss {[k for k, v in fits.items() if not v]} by "
-                         f"{ {k: round(v, 2) for k, v in short.items() if v > 0} }; re-pruning at {ratio + 0.05:.2f}")
-                    ratio = round(ratio + 0.05, 4)
-                st.mark("prune", {"dir": "pruned", "ratio": ratio, "achieved_ratio": r.achieved_ratio,
-                                  "params_after": r.params_after, "wall_s": r.timings["total_s"], "tries": tries})
-            model_dir = out / "pruned"
-
-        # 4. recover
-        if cfg.finetune != "none" and plan["ratio"] > 0:
-            if not st.done("finetune"):
-                _log(f"stage finetune: {cfg.finetune} for {cfg.finetune_minutes} min")
-                from .recovery import finetune
-
-                finetune(str(model_dir), "gutenberg", str(out / "finetuned"), strategy=cfg.finetune,
-                         minutes=cfg.finetune_minutes, seed=cfg.seed, overwrite=True)
-                st.mark("finetune", {"dir": "finetuned", "strategy": cfg.finetune})
-            model_dir = out / "finetuned"
-
-        # 5. export
-        art = out / _artifact_name(fmt, plan["quant"])
-        if not st.done("export"):
-            _log(f"stage export: {fmt} {plan['quant']}")
-            import exporters
-
-            if art.exists():
-                shutil.rmtree(art) if art.is_dir() else art.unlink()
-            summ = exporters.export(str(model_dir), fmt, str(art), max_context=cfg.max_context,
-                                    **_export_kwargs(fmt, plan["quant"], profile))
-            st.mark("export", {"artifact": art.name, "summary": summ})
-
-        # 6. verify (runtime vs PyTorch; speed/memory in a subprocess at the profile's context length)
-        if not st.done("verify"):
+        plan = _stage_plan(st, cfg, src, out, profile)                          # 2. plan
+        model_dir = _stage_prune(st, cfg, src, out, profile, plan)              # 3. prune
+        if cfg.finetune != "none" and plan["ratio"] > 0:                        # 4. recover
+            model_dir = _stage_finetune(st, cfg, model_dir, out)
+        art = _stage_export(st, cfg, model_dir, out, profile, fmt, plan)        # 5. export
+        if not st.done("verify"):                                               # 6. verify
             _log("stage verify: parity, runtime perplexity, speed and memory")
             from exporters.verify import verify
 
-            v = verify(str(art), str(model_dir), threads=cfg.threads, max_chunks=cfg.ppl_chunks,
-                       json_out=str(out / "verify.json"))
+            verify(str(art), str(model_dir), threads=cfg.threads, max_chunks=cfg.ppl_chunks,
+                   json_out=str(out / "verify.json"))
             q = _quality(src, out, cfg, st)
             st.mark("verify", {"verify": "verify.json", "quality": q})
 
@@ -257,6 +192,83 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
         rep = write_report(out, profile, st.d, cfg)
         st.mark("report", {"report": "report.md", "wall_s": round(time.time() - t_all, 1)})
         return rep
+
+
+def _stage_plan(st, cfg: RunConfig, src: Path, out: Path, profile) -> dict:
+    from . import planner
+
+    if not st.done("plan"):
+        _log(f"stage plan: fitting {src.name} to {profile.name}")
+        try:
+            res = planner.plan(str(src), profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct)
+        except BudgetError as e:
+            r = getattr(e, "result", None)
+            if r is not None:
+                with atomic_file(out / "plan.json") as tmp:
+                    tmp.write_text(json_text(r.to_dict()))
+            raise
+        with atomic_file(out / "plan.json") as tmp:
+            tmp.write_text(json_text(res.to_dict()))
+        print(planner.format_table(res))
+        _log(res.explanation)
+        st.mark("plan", {"quant": res.chosen.quant, "ratio": res.chosen.ratio, "explanation": res.explanation})
+    return st.done("plan")
+
+
+def _stage_prune(st, cfg: RunConfig, src: Path, out: Path, profile, plan: dict) -> Path:
+    """The pruned model's folder (the source when the plan does not prune)."""
+    from . import planner
+
+    if plan["ratio"] <= 0:
+        return src
+    if not st.done("prune"):
+        _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
+        from .prune import PruneConfig, run_prune
+
+        ratio, tries = plan["ratio"], []
+        while True:
+            # the planner assumed uniform shapes; a method's own allocation may keep other layers (e.g.
+            # more KV heads): predict the real shapes and prune harder (+0.05) until they fit too
+            pc = PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation,
+                             calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple,
+                             uniform_kv=profile.uniform_kv, uniform_shapes=profile.uniform_shapes)
+            r = run_prune(src, out / "pruned", pc, overwrite=True)
+            p = planner.predict(str(out / "pruned"), plan["quant"], profile)
+            fits, short = planner.check(p, profile, cfg.margin_pct / 100)
+            tries.append({"ratio": ratio, "achieved_ratio": r.achieved_ratio, "fits": fits})
+            if all(fits.values()) or ratio >= 0.9:
+                break
+            _log(f"pruned shapes miss {[k for k, v in fits.items() if not v]} by "
+                 f"{ {k: round(v, 2) for k, v in short.items() if v > 0} }; re-pruning at {ratio + 0.05:.2f}")
+            ratio = round(ratio + 0.05, 4)
+        st.mark("prune", {"dir": "pruned", "ratio": ratio, "achieved_ratio": r.achieved_ratio,
+                          "params_after": r.params_after, "wall_s": r.timings["total_s"], "tries": tries})
+    return out / "pruned"
+
+
+def _stage_finetune(st, cfg: RunConfig, model_dir: Path, out: Path) -> Path:
+    if not st.done("finetune"):
+        _log(f"stage finetune: {cfg.finetune} for {cfg.finetune_minutes} min")
+        from .recovery import finetune
+
+        finetune(str(model_dir), "gutenberg", str(out / "finetuned"), strategy=cfg.finetune,
+                 minutes=cfg.finetune_minutes, seed=cfg.seed, overwrite=True)
+        st.mark("finetune", {"dir": "finetuned", "strategy": cfg.finetune})
+    return out / "finetuned"
+
+
+def _stage_export(st, cfg: RunConfig, model_dir: Path, out: Path, profile, fmt: str, plan: dict) -> Path:
+    art = out / _artifact_name(fmt, plan["quant"])
+    if not st.done("export"):
+        _log(f"stage export: {fmt} {plan['quant']}")
+        import exporters
+
+        if art.exists():
+            shutil.rmtree(art) if art.is_dir() else art.unlink()
+        summ = exporters.export(str(model_dir), fmt, str(art), max_context=cfg.max_context,
+                                **_export_kwargs(fmt, plan["quant"], profile))
+        st.mark("export", {"artifact": art.name, "summary": summ})
+    return art
 
 
 def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) -> dict:

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.planner.tensor_bytes import ZERO_FFN_PAD  # noqa: F401  (one home: the padded zero FFN width)
 
-QUANTS = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama_ftype values
+GGUF_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama_ftype values
 FLOATS = ("f32", "f16")
 BLOCK = {"q8_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
-ZERO_FFN_PAD = 32
 META_MAX_CHARS = 256          # free-text metadata (general.name, ...): one line, capped
 TEMPLATE_MAX_CHARS = 65536    # tokenizer.chat_template keeps its newlines/tabs (Jinja needs them), capped
 
@@ -511,8 +511,8 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 2) -> 
 
     from edgeprune.paths import atomic_file
 
-    if quant not in QUANTS:
-        raise EdgepruneError(f"quant '{quant}' unknown; use one of f32, f16, {', '.join(QUANTS)}")
+    if quant not in GGUF_FTYPES:
+        raise EdgepruneError(f"quant '{quant}' unknown; use one of f32, f16, {', '.join(GGUF_FTYPES)}")
     try:
         import llama_cpp
     except ImportError:
@@ -523,7 +523,7 @@ def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 2) -> 
     t0 = time.time()
     with atomic_file(dst) as tmp:
         p = llama_cpp.llama_model_quantize_default_params()
-        p.ftype = QUANTS[quant]
+        p.ftype = GGUF_FTYPES[quant]
         p.nthread = threads
         old, sys.stderr = sys.stderr, log        # llama-cpp-python's log callback prints to sys.stderr
         try:
@@ -564,8 +564,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16", thre
 
     from .features import check_dir
 
-    if quant not in FLOATS and quant not in QUANTS:
-        raise EdgepruneError(f"quant '{quant}' unknown; use one of {', '.join(FLOATS + tuple(QUANTS))}")
+    if quant not in FLOATS and quant not in GGUF_FTYPES:
+        raise EdgepruneError(f"quant '{quant}' unknown; use one of {', '.join(FLOATS + tuple(GGUF_FTYPES))}")
     check_dir(model_dir, "gguf", max_context)
     out = Path(out)
     if out.is_dir():

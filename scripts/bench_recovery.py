@@ -55,7 +55,7 @@ def machine() -> dict:
             "loadavg_at_start": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__}
 
 
-def main() -> None:
+def _args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--runs", default="saap:0.2:10,flap:0.2:3,flap:0.5:3,saap:0.5:3",
@@ -66,7 +66,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_recovery")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "recovery"))
     ap.add_argument("--merge", nargs="+", default=None, help="combine partial result files into --out")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = _args()
     if a.merge:
         parts = [json.loads(Path(p).read_text()) for p in a.merge]
         res = {**parts[0], "command": " ; ".join(p["command"] for p in parts),

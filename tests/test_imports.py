@@ -1,4 +1,5 @@
-"""Module structure: no import cycles between the project's modules and no private name imported across modules.
+"""Module structure: no import cycles between the project's modules, no private name imported across modules, and no
+function outside tests longer than 80 lines.
 
 The graph is read from the source (``ast``), so imports inside functions count as well: a cycle hidden behind a
 lazy import is still a cycle. An edge ``a -> b`` exists when module ``a`` imports module ``b`` or a name from it
@@ -105,3 +106,14 @@ def test_no_private_names_across_modules():
 def test_the_walk_sees_a_cycle(tmp_path):
     g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(g) == [["a", "b", "c"]]
+
+
+def test_no_long_functions_outside_tests():
+    """Functions fit a screen: none outside tests is longer than 80 lines (def line to last line)."""
+    long = []
+    for pkg in PACKAGES + ("scripts",):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            for n in ast.walk(ast.parse(f.read_text(), str(f))):
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80:
+                    long.append(f"{f.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert long == []

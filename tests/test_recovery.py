@@ -17,7 +17,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.recovery import finetune
 from edgeprune.recovery.finetune import eval_loss, layer_severity, make_groups
 from edgeprune.recovery.quant import dequantize_weight, quantize_weight
-from edgeprune.recovery.stream import TokenStream
+from edgeprune.recovery.tokens import TokenStream
 
 FAST = dict(seq_len=32, batch_size=4, lr=5e-3, eval_every=5, progress=False, threads=1)
 

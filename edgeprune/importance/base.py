@@ -67,7 +67,7 @@ def _allowed(f) -> str:
     m, typ = f.metadata, type(f.default if f.default is not MISSING else "")
     if m.get("choices"):
         return "one of " + ", ".join(str(c) for c in m["choices"])
-    kind = {bool: "true | false", int: "an integer", float: "a number"}.get(typ, "a string")
+    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(typ, "a string")
     if m.get("lo") is not None and m.get("hi") is not None:
         return f"{kind} in [{m['lo']}, {m['hi']}]"
     if m.get("lo") is not None:

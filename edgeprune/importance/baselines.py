@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_PRUNER_SKIP, Context, LayerScore, Method, MethodOptions, Scores, option, per_kv_group, register
+from .base import Context, LayerScore, Method, MethodOptions, Scores, option, per_kv_group, register
 from ..numerics import per_channel
-from .taylor import GQA_FOLDS, KINDS, backward_grads, gradient_windows, group_taylor
+from .taylor import GQA_FOLDS, KINDS, BackwardMethod, BackwardOptions, backward_grads, gradient_windows, group_taylor
 from ..models import decoder_layers
 
 
@@ -86,7 +86,7 @@ class FLAP(Method):
 
 
 @register("llm-pruner")
-class LLMPruner(Method):
+class LLMPruner(BackwardMethod):
     """LLM-Pruner: first-order / approximate second-order Taylor importance from one backward pass of the LM
     loss on the calibration batch; option ``taylor`` in vectorize | param_first (default) | param_second |
     param_mix; ``sum`` aggregation over group members. Default allocation: uniform with its skipped layers
@@ -97,18 +97,12 @@ class LLMPruner(Method):
     see :mod:`.taylor`. The official code's choices and what they change: benchmarks/llm_pruner_fidelity.md."""
 
     @dataclass(frozen=True)
-    class Options(MethodOptions):
+    class Options(BackwardOptions):
         taylor: str = option("param_first", choices=KINDS, doc="Taylor importance kind")
-        grad_samples: int = option(10, lo=1, doc="calibration rows in the backward pass")
-        grad_len: int = option(64, lo=2, doc="tokens per row in the backward pass")
         gqa_fold: str = option("heads", choices=GQA_FOLDS, doc="how q/o channels are credited to KV groups")
         grad_bos: bool = option(False, doc="keep the BOS column in the gradient windows")
 
     default_allocation = "uniform"
-    needs_calibration = False
-    needs_gradients = True
-    loss_scope = "model"
-    default_skip = staticmethod(LLM_PRUNER_SKIP)
 
     def score(self, model, ctx: Context) -> Scores:
         o = self.options(ctx)

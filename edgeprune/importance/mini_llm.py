@@ -193,7 +193,8 @@ class MiniLLM(Method):
     class Options(MethodOptions):
         eps: float = option(1e-3, lo=1e-12, doc="SPSA perturbation scale")
         n_perturb: int = option(64, lo=1, doc="SPSA perturbations")
-        variant: str = option("norm", choices=("norm", "mean"), doc="activation factor: ||X_j|| or |mean x_j|")
+        variant: str = option("norm", choices=("norm", "mean"),
+                              doc="activation factor: ‖X_j‖₂ (norm) or abs(mean x_j) (mean)")
         perturb: str = option("functional", choices=("functional", "inplace"), doc="how W + eps z is applied")
         grad: str = option("spsa", choices=("spsa", "backprop"), doc="gradient estimate")
         spsa_samples: int = option(8, lo=1, doc="calibration rows of the SPSA loss")

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LLM_PRUNER_SKIP, Context, Method, MethodOptions, Scores, option, register
-from .taylor import backward_grads, group_taylor
+from .base import Context, Scores, option, register
+from .taylor import BackwardMethod, BackwardOptions, backward_grads, group_taylor
 
 SCOPES = ("global", "module", "layer")
 
@@ -103,32 +103,26 @@ def fuse(vec: tuple[list[torch.Tensor], list[torch.Tensor]], elem: tuple[list[to
 
 
 @register("saap")
-class SAAP(Method):
+class SAAP(BackwardMethod):
     """SAAP: fused vector-/element-wise Taylor importance (see the module docstring for the formula and what is ours).
     Options: ``sigma`` closed|learned, ``sigma_scope`` global|module|layer, ``elem`` param_first|param_second|
     param_mix, ``grad_samples``, ``grad_len``, ``sigma_steps``, ``sigma_lr``."""
 
     @dataclass(frozen=True)
-    class Options(MethodOptions):
+    class Options(BackwardOptions):
         elem: str = option("param_first", choices=("param_first", "param_second", "param_mix"),
                            doc="element-wise Taylor kind")
         sigma: str = option("closed", choices=("closed", "learned"), doc="how the fusion weights are found")
         sigma_scope: str = option("global", choices=SCOPES, doc="groups that share one sigma")
-        grad_samples: int = option(10, lo=1, doc="calibration rows in the backward pass")
-        grad_len: int = option(64, lo=2, doc="tokens per row in the backward pass")
         sigma_steps: int = option(500, lo=1, doc="Adam steps (sigma=learned)")
         sigma_lr: float = option(0.1, lo=0.0, doc="Adam learning rate (sigma=learned)")
 
     default_allocation = "saap"
-    needs_calibration = False
-    needs_gradients = True
-    loss_scope = "model"
-    default_skip = staticmethod(LLM_PRUNER_SKIP)
 
     def score(self, model, ctx: Context) -> Scores:
         o = self.options(ctx)
         elem, sigma, scope = o.elem, o.sigma, o.sigma_scope
-        ids = ctx.calib_ids[: o.grad_samples, : o.grad_len]
+        ids = self.grad_ids(ctx, o)
         grads, fisher = backward_grads(model, ids, batch_size=1, fisher=elem != "param_first")
         g = lambda i, p: grads[(i, p)]
         f = (lambda i, p: fisher[(i, p)]) if fisher else None

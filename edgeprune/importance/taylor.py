@@ -27,9 +27,12 @@ tokens at random offsets inside tokenized documents (``get_examples``), so a win
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .base import LLM_PRUNER_SKIP, Method, MethodOptions, option
 
 from ..groups import LayerGroups
 from ..models import decoder_layers
@@ -149,3 +152,26 @@ def backward_grads(model, ids: torch.Tensor, batch_size: int = 1, fisher: bool =
         if fish is not None:
             fish[k] /= nb
     return grads, fish
+
+
+@dataclass(frozen=True)
+class BackwardOptions(MethodOptions):
+    """Options shared by the methods scored from one backward pass (LLM-Pruner's calibration slice)."""
+
+    grad_samples: int = option(10, lo=1, doc="calibration rows in the backward pass")
+    grad_len: int = option(64, lo=2, doc="tokens per row in the backward pass")
+
+
+class BackwardMethod(Method):
+    """Capabilities of a method scored from one backward pass of the model's LM loss (LLM-Pruner, SAAP): no
+    layer statistics, gradients, a model-level loss (block-local when streamed), LLM-Pruner's skipped layers."""
+
+    Options = BackwardOptions
+    needs_calibration = False
+    needs_gradients = True
+    loss_scope = "model"
+    default_skip = staticmethod(LLM_PRUNER_SKIP)
+
+    @staticmethod
+    def grad_ids(ctx, o: BackwardOptions) -> torch.Tensor:
+        return ctx.calib_ids[: o.grad_samples, : o.grad_len]

@@ -8,13 +8,12 @@ method's own allocation instead (:mod:`edgeprune.planner.fit`).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgepruneError
-from ..models import LayerShape
+from ..models import LayerShape, config_json
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,7 @@ def model_shape(model: Any) -> ModelShape:
         f = p / "config.json" if p.is_dir() else p
         if not f.is_file():
             raise EdgepruneError(f"{p}: no config.json found; pass a model directory")
-        try:
-            d = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EdgepruneError(f"{f} is not valid JSON ({e}); restore the model's config.json") from None
+        d = config_json(f)
         return shape_from_config(d, name=p.name if p.is_dir() else p.parent.name)
     if isinstance(model, dict):
         return shape_from_config(model)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from ..errors import EdgepruneError
 from .shapes import ModelShape
 
-ZERO_FFN_PAD = 32
+ZERO_FFN_PAD = 32   # channels of the zero FFN the GGUF writer gives a layer with none (llama.cpp 'deci')
 
 
 @dataclass(frozen=True)

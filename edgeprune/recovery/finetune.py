@@ -19,7 +19,7 @@ Strategies (``docs/methods.md`` §3.2 step 7 and §2.1 step 7; the exact SAAP re
 * ``quantize='int8'|'int4'`` — frozen base weights are held as per-group symmetric integers during tuning
   (:mod:`edgeprune.recovery.quant`, QLoRA-style); the output merges all LoRA deltas into the original fp weights.
 
-Data: :class:`edgeprune.recovery.stream.TokenStream` (seeded shuffle of ~4k-character pieces, packing into
+Data: :class:`edgeprune.recovery.tokens.TokenStream` (seeded shuffle of ~4k-character pieces, packing into
 ``seq_len`` blocks, a held-out slice of the fine-tuning data for evaluation and early stopping).
 
 Checkpoints (``OUT.ckpt/state.pt``, written atomically every ``ckpt_every`` steps and at group boundaries) hold the
@@ -42,14 +42,15 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..device import peak_rss_mb
 from ..errors import EdgepruneError
 from ..models import read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
 from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours, remove_stale_temps
-from .stream import TokenStream
+from .tokens import TokenStream
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STRATEGIES = ("groupwise", "lora")
-QUANTS = ("none", "int8", "int4")
+QUANTIZE_MODES = ("none", "int8", "int4")
 
 
 @dataclass
@@ -80,8 +81,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise EdgepruneError(f"--strategy {self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
-        if self.quantize not in QUANTS:
-            raise EdgepruneError(f"--quantize {self.quantize!r} is unknown; use one of {', '.join(QUANTS)}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise EdgepruneError(f"--quantize {self.quantize!r} is unknown; use one of {', '.join(QUANTIZE_MODES)}")
         if self.steps is not None and self.minutes is not None:
             raise EdgepruneError("give either --steps or --minutes, not both")
         if self.steps is None and self.minutes is None:
@@ -312,12 +313,6 @@ def _lr_factor(frac: float, step: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _fingerprint(model_dir, cfg: FinetuneConfig) -> dict:
     return {"model_dir": str(Path(model_dir).resolve()), **asdict(cfg)}
 
@@ -336,234 +331,289 @@ def finetune(model_dir: str | Path, data: str, out: str | Path, strategy: str = 
     the checkpoint directory ``OUT.ckpt`` keeps the last periodic checkpoint for ``resume=True``. ``threads`` sets
     torch's intra-op threads for the run (1 is much faster for small models on a busy machine).
     """
-    if threads is None:
-        return _finetune(**{k: v for k, v in locals().items() if k != "threads"})
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return _finetune(**{k: v for k, v in locals().items() if k not in ("threads", "old")})
-    finally:
-        torch.set_num_threads(old)
-
-
-def _finetune(model_dir, data, out, strategy, steps, minutes, lr, rank, alpha, dropout, groups, quantize, seq_len,
-              batch_size, seed, resume, eval_every, patience, ckpt_every, overwrite, progress, stop_after, teacher,
-              kd_weight, kd_temperature):
-    t_start = time.time()
     cfg = FinetuneConfig(data=str(data), strategy=strategy, steps=steps, minutes=minutes, lr=lr, rank=rank, alpha=alpha,
                          dropout=dropout, groups=groups, quantize=quantize, seq_len=seq_len, batch_size=batch_size,
                          seed=seed, eval_every=eval_every, patience=patience, kd_weight=kd_weight,
                          kd_temperature=kd_temperature)
-    cfg.validate()
-    if ckpt_every < 1:
-        raise EdgepruneError(f"--ckpt-every {ckpt_every} must be >= 1")
-    ins = (model_dir, *(Path(x) for x in (data, teacher) if x and os.path.exists(str(x))))
-    out = check_output_dir(out, overwrite, inputs=ins)
-    ckpt_dir = guard_output(out.with_name(out.name + ".ckpt"), kind="dir", inputs=ins, overwrite=True, adopt=True,
-                            flag="checkpoint folder")
-    ckpt_file = ckpt_dir / "state.pt"
-    remove_stale_temps(ckpt_dir)   # a checkpoint save killed mid-write (we hold the folder's lock)
-    if ckpt_dir.is_dir() and not ckpt_file.is_file() and not any(f.name != MARKER for f in ckpt_dir.iterdir()):
-        shutil.rmtree(ckpt_dir)   # a first checkpoint save that failed left only the empty folder: no checkpoint
-    if resume and not ckpt_file.is_file():
-        raise EdgepruneError(f"--resume: no checkpoint at {ckpt_file}; run without --resume to start")
-    if not resume and ckpt_dir.exists():
-        raise EdgepruneError(f"a checkpoint of an earlier run exists at {ckpt_dir}; pass --resume to continue it "
-                             "or delete it to start over")
-    tok = load_tokenizer(model_dir)
-    stream = TokenStream(tok, cfg.data, cfg.seq_len, cfg.seed)
-    model = load(model_dir)
-    _check_rank(model, cfg.rank)
-    cfg.teacher = resolve_teacher(model_dir, teacher) if cfg.kd_weight > 0 else None
-    tmodel = None
-    if cfg.teacher is not None:
-        tmodel = load(cfg.teacher).eval().requires_grad_(False)
-    kd = dict(teacher=tmodel, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    ro = RunOptions(resume=resume, ckpt_every=ckpt_every, overwrite=overwrite, progress=progress,
+                    stop_after=stop_after, teacher=teacher)
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _Run(model_dir, out, cfg, ro).run()
+    finally:
+        torch.set_num_threads(old)
 
-    n_layers = len(decoder_layers(model))
-    grp = ([list(range(n_layers))] if cfg.strategy == "lora"
-           else make_groups(layer_severity(model, model_dir), cfg.groups))
-    if cfg.quantize != "none":
-        from .quant import quantize_linears
 
-        quantize_linears(model, target_names(model, list(range(n_layers))), cfg.quantize, cfg.quant_group)
+@dataclass
+class RunOptions:
+    """How this invocation runs (not part of the result's fingerprint)."""
 
-    # ---------------------------------------------------------------- state (fresh or from the checkpoint)
-    fp = _fingerprint(model_dir, cfg)
-    st: dict = {"group": 0, "step_in_group": 0, "global_step": 0, "position": 0, "done": [], "adapter": None,
-                "optim": None, "best_adapter": None, "best_loss": None, "bad_evals": 0, "group_budget": None,
-                "group_t0": 0.0, "train_s": 0.0, "tokens": 0, "history": [], "eval_before": None,
-                "rng": None, "peak_trainable": 0}
-    resumed_from = None
-    if resume:
+    resume: bool = False
+    ckpt_every: int = 50
+    overwrite: bool = False
+    progress: bool = True
+    stop_after: int | None = None
+    teacher: str | None = "auto"
+
+
+def _fresh_state() -> dict:
+    return {"group": 0, "step_in_group": 0, "global_step": 0, "position": 0, "done": [], "adapter": None,
+            "optim": None, "best_adapter": None, "best_loss": None, "bad_evals": 0, "group_budget": None,
+            "group_t0": 0.0, "train_s": 0.0, "tokens": 0, "history": [], "eval_before": None,
+            "rng": None, "peak_trainable": 0}
+
+
+class _Run:
+    """One fine-tuning run: outputs and checkpoint, model and data, the group loop, the merge."""
+
+    def __init__(self, model_dir, out, cfg: FinetuneConfig, ro: RunOptions):
+        self.t_start = time.time()
+        cfg.validate()
+        if ro.ckpt_every < 1:
+            raise EdgepruneError(f"--ckpt-every {ro.ckpt_every} must be >= 1")
+        self.model_dir, self.cfg, self.ro = model_dir, cfg, ro
+        self.out = self._outputs(out)
+        self._load()
+        self._initial_state()
+
+    def _outputs(self, out) -> Path:
+        cfg, ro = self.cfg, self.ro
+        ins = (self.model_dir, *(Path(x) for x in (cfg.data, ro.teacher) if x and os.path.exists(str(x))))
+        out = check_output_dir(out, ro.overwrite, inputs=ins)
+        self.ckpt_dir = guard_output(out.with_name(out.name + ".ckpt"), kind="dir", inputs=ins, overwrite=True,
+                                     adopt=True, flag="checkpoint folder")
+        self.ckpt_file = self.ckpt_dir / "state.pt"
+        remove_stale_temps(self.ckpt_dir)   # a checkpoint save killed mid-write (we hold the folder's lock)
+        if self.ckpt_dir.is_dir() and not self.ckpt_file.is_file() and \
+                not any(f.name != MARKER for f in self.ckpt_dir.iterdir()):
+            shutil.rmtree(self.ckpt_dir)   # a first checkpoint save that failed left only the empty folder
+        if ro.resume and not self.ckpt_file.is_file():
+            raise EdgepruneError(f"--resume: no checkpoint at {self.ckpt_file}; run without --resume to start")
+        if not ro.resume and self.ckpt_dir.exists():
+            raise EdgepruneError(f"a checkpoint of an earlier run exists at {self.ckpt_dir}; pass --resume to "
+                                 "continue it or delete it to start over")
+        return out
+
+    def _load(self) -> None:
+        cfg = self.cfg
+        tok = load_tokenizer(self.model_dir)
+        self.stream = TokenStream(tok, cfg.data, cfg.seq_len, cfg.seed)
+        self.model = load(self.model_dir)
+        _check_rank(self.model, cfg.rank)
+        cfg.teacher = resolve_teacher(self.model_dir, self.ro.teacher) if cfg.kd_weight > 0 else None
+        tmodel = load(cfg.teacher).eval().requires_grad_(False) if cfg.teacher is not None else None
+        self.kd = dict(teacher=tmodel, kd_weight=cfg.kd_weight, temperature=cfg.kd_temperature)
+        logging.getLogger("peft").setLevel(logging.ERROR)
+        n_layers = len(decoder_layers(self.model))
+        self.grp = ([list(range(n_layers))] if cfg.strategy == "lora"
+                    else make_groups(layer_severity(self.model, self.model_dir), cfg.groups))
+        if cfg.quantize != "none":
+            from .quant import quantize_linears
+
+            quantize_linears(self.model, target_names(self.model, list(range(n_layers))), cfg.quantize,
+                             cfg.quant_group)
+
+    def _initial_state(self) -> None:
+        """Fresh state (and the held-out loss before tuning), or the checkpoint's (groups replayed)."""
+        self.fp, self.st, self.resumed_from = _fingerprint(self.model_dir, self.cfg), _fresh_state(), None
+        if not self.ro.resume:
+            torch.manual_seed(self.cfg.seed)
+            self.st["eval_before"] = self.st["best_loss"] = eval_loss(self.model, self.stream.eval_blocks, **self.kd)
+            return
         try:   # weights_only: a checkpoint holds tensors and plain containers, never objects to construct
-            st = torch.load(ckpt_file, weights_only=True)
+            st = torch.load(self.ckpt_file, weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise EdgepruneError(f"checkpoint {ckpt_file} cannot be loaded safely ({type(e).__name__}); delete "
-                                 f"{ckpt_dir} and run without --resume") from None
-        if st["fingerprint"] != fp:
-            diff = [k for k in fp if st["fingerprint"].get(k) != fp[k]]
-            raise EdgepruneError(f"the checkpoint in {ckpt_dir} was written with different settings ({', '.join(diff)}); "
-                                 "rerun with the same options or delete it")
-        resumed_from = st["global_step"]
+            raise EdgepruneError(f"checkpoint {self.ckpt_file} cannot be loaded safely ({type(e).__name__}); delete "
+                                 f"{self.ckpt_dir} and run without --resume") from None
+        if st["fingerprint"] != self.fp:
+            diff = [k for k in self.fp if st["fingerprint"].get(k) != self.fp[k]]
+            raise EdgepruneError(f"the checkpoint in {self.ckpt_dir} was written with different settings "
+                                 f"({', '.join(diff)}); rerun with the same options or delete it")
+        self.st, self.resumed_from = st, st["global_step"]
         for fac in st["done"]:
-            model = _replay_group(model, fac, cfg)
-        stream.skip_to(st["position"])
-    else:
-        torch.manual_seed(cfg.seed)
-        st["eval_before"] = st["best_loss"] = eval_loss(model, stream.eval_blocks, **kd)
+            self.model = _replay_group(self.model, fac, self.cfg)
+        self.stream.skip_to(st["position"])
 
-    def save_ckpt(pm=None, opt=None) -> None:
-        st.update(fingerprint=fp, position=stream.position, rng=torch.get_rng_state(),
+    def save_ckpt(self, pm=None, opt=None) -> None:
+        st, ckpt_dir = self.st, self.ckpt_dir
+        st.update(fingerprint=self.fp, position=self.stream.position, rng=torch.get_rng_state(),
                   adapter=_adapter_state(pm) if pm is not None else None,
                   optim=opt.state_dict() if opt is not None else None)
         made = not ckpt_dir.exists()
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         mark_ours(ckpt_dir)
         try:
-            with atomic_file(ckpt_file) as tmp:
+            with atomic_file(self.ckpt_file) as tmp:
                 torch.save(st, tmp)
         except BaseException:
             if made:   # never leave an empty checkpoint folder (re-runs would ask for --resume)
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             raise
 
-    from tqdm import tqdm
+    # ------------------------------------------------------------------------------------------ the group loop
+    def run(self) -> FinetuneResult:
+        from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=st["global_step"], disable=not progress, unit="step",
-               desc=f"finetune {cfg.strategy}", dynamic_ncols=True)
-    run_steps, stopped, pm = 0, False, None
-    pending_rng = st["rng"] if resume else None
-    budget_total = cfg.steps if cfg.steps is not None else cfg.minutes * 60
-    while st["group"] < len(grp) and not stopped:
-        g = st["group"]
+        cfg, st = self.cfg, self.st
+        self.bar = tqdm(total=cfg.steps, initial=st["global_step"], disable=not self.ro.progress, unit="step",
+                        desc=f"finetune {cfg.strategy}", dynamic_ncols=True)
+        self.run_steps, self.pending_rng = 0, st["rng"] if self.ro.resume else None
+        self.budget_total = cfg.steps if cfg.steps is not None else cfg.minutes * 60
+        stopped = False
+        while st["group"] < len(self.grp) and not stopped:
+            g = st["group"]
+            pm, opt, params = self._start_group(g)
+            stopped = self._train_group(g, pm, opt, params)
+            if stopped:
+                break
+            self._end_group(g, pm)
+            self.last_pm = pm
+            if g == len(self.grp) - 1:
+                break  # the last group is merged in _save, after recording pre-merge logits
+            self.model, fac = _finish_group(self.model, pm, cfg)
+            st["done"].append(fac)
+            st.update(group=g + 1, step_in_group=0, adapter=None, optim=None, best_adapter=None, bad_evals=0)
+        self.bar.close()
+        return self.result(None, None) if stopped else self._save()
+
+    def _start_group(self, g: int):
+        """Adapters and optimizer of group g (fresh at a group boundary, or restored mid-group)."""
+        st, cfg = self.st, self.cfg
         mid_group = st["adapter"] is not None
         if not mid_group:
-            if pending_rng is not None:
-                torch.set_rng_state(pending_rng)
+            if self.pending_rng is not None:
+                torch.set_rng_state(self.pending_rng)
             used = st["global_step"] if cfg.steps is not None else st["train_s"]
-            st["group_budget"] = (budget_total - used) / (len(grp) - g)
+            st["group_budget"] = (self.budget_total - used) / (len(self.grp) - g)
             st["group_t0"] = st["train_s"]
-            save_ckpt()  # group boundary (before the adapters are created: their init consumes the RNG)
-        model.train()
-        pm = _inject(model, target_names(model, grp[g]), cfg)
+            self.save_ckpt()  # group boundary (before the adapters are created: their init consumes the RNG)
+        self.model.train()
+        pm = _inject(self.model, target_names(self.model, self.grp[g]), cfg)
         params = [p for p in pm.parameters() if p.requires_grad]
         st["peak_trainable"] = max(st["peak_trainable"], sum(p.numel() for p in params))
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         if mid_group:
             _load_adapter(pm, st["adapter"])
             opt.load_state_dict(st["optim"])
-            torch.set_rng_state(pending_rng)
+            torch.set_rng_state(self.pending_rng)
         else:
             st["best_adapter"], st["bad_evals"] = _adapter_state(pm), 0
-        pending_rng = None
+        self.pending_rng = None
+        return pm, opt, params
+
+    def _train_group(self, g: int, pm, opt, params) -> bool:
+        """Steps of group g until its budget is spent or it stops improving; True when ``stop_after`` ended the run."""
+        st, cfg = self.st, self.cfg
         while True:
             done_frac = ((st["step_in_group"] / st["group_budget"]) if cfg.steps is not None
                          else (st["train_s"] - st["group_t0"]) / st["group_budget"])
             if done_frac >= 1 - 1e-9 or st["bad_evals"] >= cfg.patience:
-                break
-            if stop_after is not None and run_steps >= stop_after:
-                stopped = True
-                break
-            t0 = time.time()
-            for pg in opt.param_groups:
-                pg["lr"] = cfg.lr * _lr_factor(done_frac, st["step_in_group"], cfg.warmup)
-            x = stream.next_batch(cfg.batch_size)
-            loss, ce = objective(pm, x, **kd)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            st["step_in_group"] += 1
-            st["global_step"] += 1
-            st["tokens"] += x.numel()
-            run_steps += 1
-            rec = {"step": st["global_step"], "group": g, "loss": round(loss.item(), 5), "ce": round(ce, 5)}
-            if st["step_in_group"] % cfg.eval_every == 0:
-                ev = eval_loss(pm, stream.eval_blocks, **kd)
-                rec["eval_loss"] = round(ev, 5)
-                if ev < st["best_loss"] - 1e-4:
-                    st["best_loss"], st["best_adapter"], st["bad_evals"] = ev, _adapter_state(pm), 0
-                else:
-                    st["bad_evals"] += 1
-            st["history"].append(rec)
-            st["train_s"] += time.time() - t0  # wall time of the step and its evaluation
-            bar.update(1)
-            bar.set_postfix(group=f"{g + 1}/{len(grp)}", loss=f"{loss.item():.3f}",
-                            tok_s=f"{st['tokens'] / max(st['train_s'], 1e-9):.0f}",
-                            eval=f"{st['best_loss']:.3f}")
-            if st["global_step"] % ckpt_every == 0:
-                save_ckpt(pm, opt)
-        if stopped:
-            break
-        # end of group: evaluate the final adapter, keep the best one, merge it
-        if st["step_in_group"] % cfg.eval_every:
-            ev = eval_loss(pm, stream.eval_blocks, **kd)
+                return False
+            if self.ro.stop_after is not None and self.run_steps >= self.ro.stop_after:
+                return True
+            self._step(g, pm, opt, params, done_frac)
+            if st["global_step"] % self.ro.ckpt_every == 0:
+                self.save_ckpt(pm, opt)
+
+    def _step(self, g: int, pm, opt, params, done_frac: float) -> None:
+        st, cfg = self.st, self.cfg
+        t0 = time.time()
+        for pg in opt.param_groups:
+            pg["lr"] = cfg.lr * _lr_factor(done_frac, st["step_in_group"], cfg.warmup)
+        x = self.stream.next_batch(cfg.batch_size)
+        loss, ce = objective(pm, x, **self.kd)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        st["step_in_group"] += 1
+        st["global_step"] += 1
+        st["tokens"] += x.numel()
+        self.run_steps += 1
+        rec = {"step": st["global_step"], "group": g, "loss": round(loss.item(), 5), "ce": round(ce, 5)}
+        if st["step_in_group"] % cfg.eval_every == 0:
+            ev = eval_loss(pm, self.stream.eval_blocks, **self.kd)
+            rec["eval_loss"] = round(ev, 5)
+            if ev < st["best_loss"] - 1e-4:
+                st["best_loss"], st["best_adapter"], st["bad_evals"] = ev, _adapter_state(pm), 0
+            else:
+                st["bad_evals"] += 1
+        st["history"].append(rec)
+        st["train_s"] += time.time() - t0  # wall time of the step and its evaluation
+        self.bar.update(1)
+        self.bar.set_postfix(group=f"{g + 1}/{len(self.grp)}", loss=f"{loss.item():.3f}",
+                             tok_s=f"{st['tokens'] / max(st['train_s'], 1e-9):.0f}", eval=f"{st['best_loss']:.3f}")
+
+    def _end_group(self, g: int, pm) -> None:
+        """Evaluate the group's final adapter, keep the best one."""
+        st = self.st
+        if st["step_in_group"] % self.cfg.eval_every:
+            ev = eval_loss(pm, self.stream.eval_blocks, **self.kd)
             st["history"].append({"step": st["global_step"], "group": g, "eval_loss": round(ev, 5)})
             if ev < st["best_loss"] - 1e-4:
                 st["best_loss"], st["best_adapter"] = ev, _adapter_state(pm)
         _load_adapter(pm, st["best_adapter"])
-        last_pm = pm
-        if g == len(grp) - 1:
-            break  # the last group is merged below, after recording pre-merge logits
-        model, fac = _finish_group(model, pm, cfg)
-        pm = None
-        st["done"].append(fac)
-        st.update(group=g + 1, step_in_group=0, adapter=None, optim=None, best_adapter=None, bad_evals=0)
-    bar.close()
 
-    def result(out_path, merge_diff):
+    def result(self, out_path, merge_diff) -> FinetuneResult:
+        st, cfg = self.st, self.cfg
         return FinetuneResult(
-            out=out_path, complete=out_path is not None, strategy=cfg.strategy, quantize=cfg.quantize, groups=grp,
+            out=out_path, complete=out_path is not None, strategy=cfg.strategy, quantize=cfg.quantize, groups=self.grp,
             steps=st["global_step"], tokens=st["tokens"], train_s=round(st["train_s"], 2),
             tokens_per_s=round(st["tokens"] / max(st["train_s"], 1e-9), 1), eval_loss_before=st["eval_before"],
-            eval_loss_after=st["best_loss"], merge_max_abs_diff=merge_diff, peak_rss_mb=round(_peak_rss_mb(), 1),
-            peak_trainable_params=st["peak_trainable"], resumed_from_step=resumed_from, checkpoint_dir=str(ckpt_dir),
-            history=st["history"])
+            eval_loss_after=st["best_loss"], merge_max_abs_diff=merge_diff, peak_rss_mb=round(peak_rss_mb(), 1),
+            peak_trainable_params=st["peak_trainable"], resumed_from_step=self.resumed_from,
+            checkpoint_dir=str(self.ckpt_dir), history=st["history"])
 
-    if stopped:
-        return result(None, None)
+    # ------------------------------------------------------------------------------------------ merge, save, verify
+    def _merged(self):
+        """The model with every group's adapters merged (into the original fp weights when tuned quantized)."""
+        model, fac = _finish_group(self.model, self.last_pm, self.cfg)
+        self.st["done"].append(fac)
+        if self.cfg.quantize != "none":
+            model = load(self.model_dir)
+            with torch.no_grad():
+                for gf in self.st["done"]:
+                    for name, (a, b, s) in gf.items():
+                        model.get_submodule(name).weight += (b @ a) * s
+        return model.eval()
 
-    # ---------------------------------------------------------------- merge, save, verify
-    probe = stream.eval_blocks[:2]
-    last_pm.eval()
-    with torch.no_grad():
-        before = last_pm(input_ids=probe, use_cache=False).logits
-    model, fac = _finish_group(model, last_pm, cfg)
-    st["done"].append(fac)
-    if cfg.quantize != "none":  # merge every delta into the original full-precision weights
-        model = load(model_dir)
+    def _provenance(self) -> dict:
+        cfg, st, model_dir = self.cfg, self.st, self.model_dir
+        prov = copy.deepcopy(_provenance(json.loads((Path(model_dir) / "config.json").read_text())))
+        prov.setdefault("source_model", str(Path(model_dir).resolve()))
+        prov["finetune"] = {
+            "edgeprune_version": __version__, "input_model": str(Path(model_dir).resolve()), **asdict(cfg),
+            "groups_layers": self.grp, "steps_done": st["global_step"], "tokens": st["tokens"],
+            "train_s": round(st["train_s"], 2), "eval_loss_before": round(st["eval_before"], 5),
+            "eval_loss_after": round(st["best_loss"], 5), "resumed_from_step": self.resumed_from,
+            "recipe": "LoRA on q,k,v,o,gate,up,down; AdamW wd 0, warmup then cosine to 0.1 lr, clip 1.0; merged"
+                      + (f"; loss (1-{cfg.kd_weight})*CE + {cfg.kd_weight}*tau^2*KL(teacher||student), tau "
+                         f"{cfg.kd_temperature}" if cfg.teacher else "; loss CE"),
+        }
+        return prov
+
+    def _save(self) -> FinetuneResult:
+        probe = self.stream.eval_blocks[:2]
+        self.last_pm.eval()
         with torch.no_grad():
-            for gf in st["done"]:
-                for name, (a, b, s) in gf.items():
-                    model.get_submodule(name).weight += (b @ a) * s
-    model.eval()
-    in_cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    prov = copy.deepcopy(_provenance(in_cfg))
-    prov.setdefault("source_model", str(Path(model_dir).resolve()))
-    prov["finetune"] = {
-        "edgeprune_version": __version__, "input_model": str(Path(model_dir).resolve()), **asdict(cfg),
-        "groups_layers": grp, "steps_done": st["global_step"], "tokens": st["tokens"],
-        "train_s": round(st["train_s"], 2), "eval_loss_before": round(st["eval_before"], 5),
-        "eval_loss_after": round(st["best_loss"], 5), "resumed_from_step": resumed_from,
-        "recipe": "LoRA on q,k,v,o,gate,up,down; AdamW wd 0, warmup then cosine to 0.1 lr, clip 1.0; merged"
-                  + (f"; loss (1-{cfg.kd_weight})*CE + {cfg.kd_weight}*tau^2*KL(teacher||student), tau "
-                     f"{cfg.kd_temperature}" if cfg.teacher else "; loss CE"),
-    }
-    extra = {}
-    if (Path(model_dir) / "prune_report.json").is_file():
-        extra["prune_report.json"] = (Path(model_dir) / "prune_report.json").read_text()
-    save(model, out, tokenizer_src=model_dir, provenance=prov, overwrite=True, extra_files=extra)
-    with torch.no_grad():
-        after = load(out)(input_ids=probe, use_cache=False).logits
-    diff = (before - after).abs().max().item()
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    res = result(str(out), diff)
-    if progress:
-        what = "KL to the teacher" if cfg.teacher else "loss"
-        print(f"finetune: held-out {what} {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}; {res.steps} steps, "
-              f"{res.tokens:,} tokens in {res.train_s:.0f} s ({res.tokens_per_s:.0f} tok/s); peak RSS "
-              f"{res.peak_rss_mb:.0f} MB; merge check max|Δlogit| {diff:.2e}; saved to {out}  "
-              f"({time.time() - t_start:.0f} s total)")
-    return res
+            before = self.last_pm(input_ids=probe, use_cache=False).logits
+        model = self._merged()
+        extra, report = {}, Path(self.model_dir) / "prune_report.json"
+        if report.is_file():
+            extra["prune_report.json"] = report.read_text()
+        save(model, self.out, tokenizer_src=self.model_dir, provenance=self._provenance(), overwrite=True,
+             extra_files=extra)
+        with torch.no_grad():
+            after = load(self.out)(input_ids=probe, use_cache=False).logits
+        diff = (before - after).abs().max().item()
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        res = self.result(str(self.out), diff)
+        if self.ro.progress:
+            what = "KL to the teacher" if self.cfg.teacher else "loss"
+            print(f"finetune: held-out {what} {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}; {res.steps} "
+                  f"steps, {res.tokens:,} tokens in {res.train_s:.0f} s ({res.tokens_per_s:.0f} tok/s); peak RSS "
+                  f"{res.peak_rss_mb:.0f} MB; merge check max|Δlogit| {diff:.2e}; saved to {self.out}  "
+                  f"({time.time() - self.t_start:.0f} s total)")
+        return res

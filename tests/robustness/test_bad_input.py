@@ -186,7 +186,7 @@ CASES = [
                                                   "--out", c.out], (f"{k}={v}", f"{m}'s {k} must be", *allowed))
       for m, k, v, allowed in (("magnitude", "norm", "3", ("one of 1, 2",)),
                                ("flap", "metric", "BOGUS", ("one of WIFV, IFV, WIFN",)),
-                               ("flap", "bias_compensation", "maybe", ("true | false",)),
+                               ("flap", "bias_compensation", "maybe", ("true or false",)),
                                ("llm-pruner", "taylor", "hessian", ("vectorize", "param_first")),
                                ("llm-pruner", "grad_samples", "0", (">= 1",)),
                                ("saap", "sigma", "fixed", ("one of closed, learned",)),
