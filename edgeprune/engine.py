@@ -29,6 +29,10 @@ input hidden states -> layer -> final norm -> head, the logit-lens loss; see doc
 * ``repair`` — called once per layer *after* its kept groups are chosen and *before* surgery with a
   :class:`LayerWork` (the dense layer, its groups, kept KV groups / MLP channels, calibration statistics, input
   hidden states, bias means); it may modify the layer's weights in place (weight reconstruction);
+* ``stage`` — a layer stage that replaces the default surgery in pass 2 (forcing two passes): ``start(hs0,
+  kwargs)`` with the layer-0 calibration inputs, then ``step(i, layer, groups, keep_kv, keep_mlp)`` for every
+  layer in order, pruning the layer in place and advancing its own calibration streams
+  (:class:`edgeprune.repair.RepairStage`: ``--reconstruct lsq|obs|bias``, ``--sequential``);
 * ``propagate="pruned"`` — sequential mode: layer i is calibrated on the outputs of the already pruned (and
   repaired) layers 0..i-1. With a global allocation, pass 1 scores on dense inputs and pass 2 runs the layers
   sequentially (calibrate on pruned inputs -> repair -> surgery -> forward).
