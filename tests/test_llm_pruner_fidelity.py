@@ -94,5 +94,7 @@ def test_llm_pruner_scores_the_windows_and_fold_it_is_told():
         for x, y in zip(s.attn + s.mlp, attn + mlp):
             assert torch.allclose(x, y, rtol=1e-6), opts
         assert s.info["gqa_fold"] == fold and s.info["grad_len"] == 12
-    with pytest.raises(ValueError, match="grad_bos"):
+    from edgeprune.errors import EdgepruneError
+
+    with pytest.raises(EdgepruneError, match="grad_bos must be true or false"):   # typed options: one line, exit 2
         get_method("llm-pruner").score(m, Context(model=m, calib_ids=ids, options={"grad_bos": "maybe"}))
