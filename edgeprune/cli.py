@@ -139,9 +139,9 @@ def export_support(model) -> dict:
     """Per export format: exact, or the features it approximates / cannot compute (exporters.features table)."""
     from exporters.features import summary
 
-    from .models import _read_config, _resolve
+    from .models import read_config, resolve_dir
 
-    sm = summary(_read_config(_resolve(model)))
+    sm = summary(read_config(resolve_dir(model)))
     lines = {}
     for fmt in sm["exportable"]:
         bad = [f"{r['feature']} {r['value']}: {r[fmt]}" for r in sm["features"] if not r[fmt].startswith("exact")]

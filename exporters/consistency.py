@@ -15,6 +15,8 @@ from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
 
+from .gguf import META_APPROX, META_CONTEXT  # GGUF metadata keys of an accepted approximation (written there)
+
 KEYS = ("layers", "hidden", "vocab", "head_dim", "heads", "kv_heads", "ffn")
 
 
@@ -115,7 +117,6 @@ def check_shapes(artifact: str | Path, model, reference: str | Path = "") -> dic
 
 
 FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4_k_m", 17: "q5_k_m", 18: "q6_k"}   # general.file_type
-META_APPROX, META_CONTEXT = "edgeprune.approximations", "edgeprune.max_context"
 
 
 def artifact_meta(artifact: str | Path) -> dict:

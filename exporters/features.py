@@ -192,9 +192,9 @@ def check_dir(model_dir, target: str, max_context: int | None = None) -> Check:
     """:func:`check` on a model directory's ``config.json`` (read without loading weights)."""
     from pathlib import Path
 
-    from edgeprune.models import _read_config
+    from edgeprune.models import read_config
 
-    return check(_read_config(Path(model_dir)), target, max_context)
+    return check(read_config(Path(model_dir)), target, max_context)
 
 
 def summary(cfg: dict) -> dict:

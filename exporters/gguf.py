@@ -35,6 +35,7 @@ import numpy as np
 from edgeprune.errors import EdgepruneError
 from edgeprune.planner.tensor_bytes import ZERO_FFN_PAD  # noqa: F401  (one home: the padded zero FFN width)
 
+META_APPROX, META_CONTEXT = "edgeprune.approximations", "edgeprune.max_context"   # accepted approximations
 GGUF_FTYPES = {"q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}   # llama_ftype values
 FLOATS = ("f32", "f16")
 BLOCK = {"q8_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
@@ -391,8 +392,6 @@ def _write_hparams(w, cfg, lp: LayerPlan, hd: int, rope: dict, accepted) -> None
     """Hyper-parameters: scalars when every layer has the same shape (arch llama), per-layer arrays otherwise (deci);
     an accepted approximation (``accepted.approximations``) and its declared context in ``edgeprune.*`` keys."""
     import gguf
-
-    from .consistency import META_APPROX, META_CONTEXT
 
     uniform = len(set(zip(lp.heads, lp.kv, lp.ffn))) == 1
     w.add_block_count(len(lp.heads))
