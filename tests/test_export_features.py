@@ -64,15 +64,15 @@ def variants(tmp_path_factory):
 
 
 def test_table_names_each_feature(variants):
-    from edgeprune.models import _read_config
+    from edgeprune.models import read_config
     from exporters.features import features, summary
 
-    cfg = _read_config(variants["gelu"])
+    cfg = read_config(variants["gelu"])
     names = [f.name for f in features(cfg)]
     assert names == ["activation", "rope", "sliding_window", "qkv_bias", "o_bias", "mlp_bias", "tied_embeddings", "norm"]
     s = summary(cfg)
     assert s["exportable"] == {"gguf": False, "onnx": True}
-    assert summary(_read_config(variants["qwen2-bias"]))["exportable"] == {"gguf": True, "onnx": True}
+    assert summary(read_config(variants["qwen2-bias"]))["exportable"] == {"gguf": True, "onnx": True}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
