@@ -46,7 +46,7 @@ class PruneConfig:
 
     def repair_options(self):
         """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery.
-        ``--opt recon_target=dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        ``--opt recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
         if self.reconstruct is None and not self.sequential:
             return None
         from .repair import RepairOptions
@@ -54,7 +54,7 @@ class PruneConfig:
         mode = self.reconstruct or "none"
         seq = self.sequential if self.sequential is not None else mode in ("lsq", "obs")
         o = self.options
-        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "dense")),
+        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "resid")),
                              damp=float(o.get("recon_damp", 0.01)), intercept=_flag(o.get("recon_intercept", True)))
 
     def validate(self) -> None:
