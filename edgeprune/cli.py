@@ -60,7 +60,7 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_prune(a) -> int:
-    from .prune import PruneConfig, run_prune
+    from .prune import DEFAULT_METHOD, PruneConfig, run_prune
 
     from .paths import guard_output
 
@@ -70,7 +70,7 @@ def cmd_prune(a) -> int:
 
         check_dir(a.model, a.target_format, a.max_context)
 
-    cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
+    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
                       stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="prune a model structurally")
     s.add_argument("model")
-    s.add_argument("--method", required=True, help="magnitude, wanda-sp, llm-pruner, flap, saap, mini-llm, bip")
+    s.add_argument("--method", default=None,
+                   help="obs (default: OBS cost, global allocation, sequential least-squares refit), magnitude, "
+                        "wanda-sp, llm-pruner, flap, saap, mini-llm, bip")
     s.add_argument("--ratio", type=float, required=True, help="fraction of non-embedding parameters to remove")
     s.add_argument("--allocation", choices=list(ALLOCATORS), default=None, help="default: the method's own")
     s.add_argument("--calib", default="gutenberg", help="named set (gutenberg, wikitext2, ptb) or a .txt/.jsonl path")

@@ -26,7 +26,7 @@ class RunConfig:
     model: str
     profile: str
     out: str
-    method: str = "flap"
+    method: str = "obs"               # = edgeprune.prune.DEFAULT_METHOD (OBS + its sequential lsq refit)
     allocation: str | None = None
     finetune: str = "none"            # none | groupwise | lora
     finetune_minutes: float = 2.0
@@ -326,7 +326,7 @@ def add_parsers(sub) -> None:
     s.add_argument("model")
     s.add_argument("--profile", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--method", default="flap")
+    s.add_argument("--method", default="obs", help="pruning method (default obs: OBS cost + least-squares refit)")
     s.add_argument("--allocation", default=None)
     s.add_argument("--finetune", default="none", help="none, groupwise or lora")
     s.add_argument("--finetune-minutes", type=float, default=2.0)

@@ -21,6 +21,9 @@ from .paths import check_output_dir
 from .surgery import apply_plan
 
 
+DEFAULT_METHOD = "obs"   # `edgeprune prune` without --method: OBS importance + sequential lsq refit (its default)
+
+
 @dataclass
 class PruneConfig:
     method: str
@@ -46,12 +49,19 @@ class PruneConfig:
 
     def repair_options(self):
         """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery.
-        ``--opt recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
-        if self.reconstruct is None and not self.sequential:
+        ``reconstruct=None`` takes the method's ``default_reconstruct`` (``obs``: lsq). ``--opt
+        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        from .importance.base import REGISTRY
+
+        mode = self.reconstruct
+        if mode is None:
+            get_method(self.method)   # registers every method (and fails on an unknown one)
+            mode = REGISTRY[self.method].default_reconstruct
+        if mode is None and not self.sequential:
             return None
         from .repair import RepairOptions
 
-        mode = self.reconstruct or "none"
+        mode = mode or "none"
         seq = self.sequential if self.sequential is not None else mode in ("lsq", "obs")
         o = self.options
         return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "resid")),

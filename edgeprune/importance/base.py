@@ -75,6 +75,7 @@ class Context:
 class Method:
     name = "base"
     default_allocation = "uniform"
+    default_reconstruct: str | None = None   # the repair stage a method implies (None: its own surgery)
     needs_gradients = False
 
     def score(self, model, ctx: Context) -> Scores:  # pragma: no cover - interface

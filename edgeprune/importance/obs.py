@@ -48,9 +48,11 @@ def ranked_scores(order: list[int], costs: list[float], n: int, params: int) -> 
 
 @register("obs")
 class OBS(Method):
-    """Structured OBS cost (module docstring). Default allocation: ``global``."""
+    """Structured OBS cost (module docstring). Default allocation: ``global``; default repair: the sequential
+    least-squares refit (``lsq``, what OBS's updates converge to), as SlimGPT and ZipLM update the kept weights."""
 
     default_allocation = "global"
+    default_reconstruct = "lsq"
 
     def score(self, model, ctx: Context) -> Scores:
         from ..reconstruct import obs_order
