@@ -101,8 +101,7 @@ def main() -> None:
         return
     ref = str(reference_model_dir())
     ratios = [float(r) for r in a.ratios.split(",")]
-    global PPL_SETS
-    PPL_SETS = [x for x in a.ppl.split(",") if x]
+    PPL_SETS[:] = [x for x in a.ppl.split(",") if x]
     configs = _configs(a)
     jpath = Path(a.out + ".json")
     res = {} if a.fresh or not jpath.exists() else json.loads(jpath.read_text())
