@@ -62,8 +62,10 @@ def _write_json(path: str | None, obj: dict) -> None:
 def cmd_prune(a) -> int:
     from .prune import DEFAULT_METHOD, PruneConfig, run_prune
 
+    from .options import check_prune
     from .paths import guard_output
 
+    check_prune(a)
     guard_output(a.out, kind="dir", inputs=(a.model, _input_path(a.calib)), overwrite=a.overwrite)
     if a.target_format:   # what that format cannot compute, refused before any work
         from exporters.features import check_dir
@@ -94,8 +96,6 @@ def cmd_eval(a) -> int:
     for name in _csv(a.ppl):
         if name not in EVAL_SETS:
             raise EdgepruneError(f"--ppl: unknown evaluation set '{name}'; use a comma list of {', '.join(EVAL_SETS)}")
-    if not 2 <= a.seq_len <= 1_000_000:
-        raise EdgepruneError(f"--seq-len {a.seq_len} is out of range; use at least 2 tokens (128 is the protocol)")
     for flag, v in (("--max-chunks", a.max_chunks), ("--limit", a.limit)):
         if v is not None and v < 1:
             raise EdgepruneError(f"{flag} {v} must be >= 1 (leave it out for all)")
@@ -105,6 +105,9 @@ def cmd_eval(a) -> int:
         bad = [t for t in _csv(a.tasks) if t not in TASK_FILES]
         if bad:
             raise EdgepruneError(f"--tasks: unknown task(s) {', '.join(bad)}; valid names: {', '.join(TASK_FILES)}")
+    from .options import check_eval
+
+    check_eval(a)
     _guard_json(a, a.model)
     model, tok = load(a.model), load_tokenizer(a.model)
     res = evaluate(model, tok, ppl=_csv(a.ppl), seq_len=a.seq_len, tasks=_csv(a.tasks), limit=a.limit,
@@ -414,6 +417,24 @@ _IO_MARKERS = ("os error", "file too large", "no space left", "read-only file sy
                "inline_container", "pytorchstreamwriter", "unexpected pos")
 
 
+# a library's own exception while it reads an input file: the input is unreadable (exit 2), not an internal error
+_LIBRARY_INPUTS = {
+    "onnxruntime": "onnxruntime cannot load the ONNX model ({what}); the file is truncated or corrupt: re-export it",
+    "onnx": "the ONNX model cannot be read ({what}); the file is truncated or corrupt: re-export it",
+    "google.protobuf": "the ONNX model cannot be parsed ({what}); the file is truncated or corrupt: re-export it",
+    "safetensors": "a weights file cannot be read ({what}); re-download or re-export the model",
+    "gguf": "the GGUF file cannot be read ({what}); it is truncated or corrupt: re-export it",
+}
+
+
+def _library_error(e: Exception, text: str) -> str | None:
+    mod = type(e).__module__ or ""
+    for prefix, msg in _LIBRARY_INPUTS.items():
+        if mod == prefix or mod.startswith(prefix + "."):
+            return msg.format(what=f"{type(e).__name__}: {text}")
+    return None
+
+
 def _ignore_sigxfsz() -> None:
     """Under a file-size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ on the first oversized
     write; ignored, the write fails with EFBIG instead and is reported as one line like any other disk error."""
@@ -486,6 +507,10 @@ def _main(argv: list[str] | None) -> int:
         if any(m in text.lower() for m in _IO_MARKERS):
             print(f"edgeprune: error: writing output failed ({type(e).__name__}: {text}); check free disk space, "
                   "permissions and any file-size limit (ulimit -f), then re-run", file=sys.stderr)
+            return 2
+        lib = _library_error(e, text)
+        if lib:
+            print(f"edgeprune: error: {lib}", file=sys.stderr)
             return 2
         print(f"edgeprune: internal error: {type(e).__name__}: {text} "
               "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)

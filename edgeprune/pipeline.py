@@ -122,6 +122,9 @@ def run(cfg: RunConfig) -> dict:
                              "drop --format or pick a profile for that runtime")
     from exporters.features import check_dir
 
+    from .options import check_run
+
+    check_run(cfg)
     check_dir(src, fmt, cfg.max_context)   # what the target format cannot compute, refused before any work
     if cfg.finetune not in ("none", "groupwise", "lora"):
         raise EdgepruneError(f"--finetune {cfg.finetune} unknown; use none, groupwise or lora")
