@@ -89,8 +89,11 @@ def test_run_with_another_profile_redoes_everything(root, ref_model_dir, tmp_pat
     srv = server(root)
     m = cached_model(root, "tinyref", lambda d: tiny_with_ref_tokenizer(d, ref_model_dir))
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")   # a folder of the user's: needs --overwrite, and keeps their file
     args = ["--out", out, "--no-host-calibration", "--ppl-chunks", "2", "--calib-samples", "4"]
-    r = srv.run("run", m, "--profile", "pixel-8", *args)
+    error_line(srv.run("run", m, "--profile", "pixel-8", *args), 2, "not written by edgeprune", "--overwrite")
+    r = srv.run("run", m, "--profile", "pixel-8", *args, "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     r = srv.run("run", m, "--profile", "galaxy-s24", *args)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -99,3 +102,4 @@ def test_run_with_another_profile_redoes_everything(root, ref_model_dir, tmp_pat
     assert "galaxy-s24" in json.dumps(rep) and "pixel-8" not in json.dumps(rep)
     st = json.loads((out / "state.json").read_text())
     assert st["inputs"]["calibrate"]["profile"]["name"] == "galaxy-s24"
+    assert (out / "keep.txt").read_text() == "user data"
