@@ -369,7 +369,11 @@ def _read_yaml(path: Path) -> Any:
         raise EdgepruneError(f"{path}: not UTF-8 text (byte {e.start}); save the profile as UTF-8 (iconv -t UTF-8)") \
             from None
     try:
-        return yaml.load(text, Loader=_ProfileLoader)   # plain YAML only: a !!python/... tag is refused
+        loader = _ProfileLoader(text)   # plain YAML only (SafeLoader): a !!python/... tag is refused
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.constructor.ConstructorError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -215,6 +215,8 @@ ALLOWED = {
     ("edgeprune/stream.py", "write"),                   # ShardWriter: shards into run_prune_streamed's atomic_dir
     ("edgeprune/stream.py", "finish"),                  # same (the shard index)
     ("exporters/remote.py", "push"),                    # LocalTransport: a copy into the scratch "device" folder
+    ("exporters/remote.py", "_speed_bundle"),           # files for the device, in a scratch temp folder
+    ("edgeprune/paths.py", "mark_ours"),                # a constant one-line marker; a torn write is still a marker
 }
 
 
