@@ -152,8 +152,8 @@ def _lock_output(p: Path, flag: str) -> None:
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise EdgepruneError(f"{flag} {p} is being written by another edgeprune process (pid {pid}); wait for it "
-                                 "to finish or choose another path") from None
+            raise EdgepruneError(f"{flag} {p} is in use by another edgeprune run (pid {pid}), which is writing it; "
+                                 f"wait for it to finish or choose another {flag}") from None
         try:   # the holder before us may have deleted the file we locked: then lock the new one
             same = os.fstat(fd).st_ino == os.stat(f).st_ino
         except FileNotFoundError:
