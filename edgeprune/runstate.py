@@ -26,7 +26,7 @@ from .paths import atomic_file, json_text
 STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 # RunConfig fields each stage depends on (beyond the model, profile and code, which the first stage covers)
 STAGE_OPTIONS = {
-    "calibrate": ("format", "threads", "calibrate_host"),
+    "calibrate": ("format", "threads", "calibrate_host", "max_context"),
     "plan": ("mlp_multiple", "margin_pct"),
     "prune": ("method", "allocation", "calib_samples", "seed"),
     "finetune": ("finetune", "finetune_minutes", "seed"),
