@@ -72,7 +72,9 @@ def cmd_prune(a) -> int:
 
         check_dir(a.model, a.target_format, a.max_context)
 
-    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
+    target = _fit_target(a)
+    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio if target is None else 0.0, target=target,
+                      allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
                       stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
@@ -80,11 +82,39 @@ def cmd_prune(a) -> int:
                       reconstruct=a.reconstruct, sequential=a.sequential)
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
-          f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
+          f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.1%}"
+          + (f", the least that fits {a.target_mb:g} MB at {a.quant}" if target is not None else "") + "); "
           f"total {res.params_before:,} -> {res.params_after:,}")
     print(res.table())
     print(f"saved to {res.out}  ({res.timings['total_s']} s, peak RSS {res.peak_rss_mb:.0f} MB)")
     return 0
+
+
+def _add_target_args(s) -> None:
+    s.add_argument("--target-mb", type=float, default=None,
+                   help="instead of --ratio: prune the least that fits N MB peak memory on llama.cpp (weights + KV "
+                        "cache + this host's calibrated overhead)")
+    s.add_argument("--quant", default=None, help="with --target-mb: the GGUF type the budget is for (default f16)")
+    s.add_argument("--ctx", type=int, default=None,
+                   help="with --target-mb: context the KV cache is counted at (default: the one verify measures at)")
+
+
+def _fit_target(a):
+    """``--target-mb N [--quant q] [--ctx C]`` -> a FitTarget on this host's calibrated llama.cpp figures; or None
+    with ``--ratio``. Exactly one of the two is required."""
+    if (a.ratio is None) == (a.target_mb is None):
+        raise EdgepruneError("pass exactly one of --ratio (fraction of non-embedding parameters) and --target-mb "
+                             "(peak memory on llama.cpp, MB)")
+    if a.target_mb is None:
+        if a.quant is not None or a.ctx is not None:
+            raise EdgepruneError("--quant and --ctx go with --target-mb; drop them or use --target-mb")
+        return None
+    from .models import _resolve
+    from .planner.fit import host_profile_for, memory_target, verify_context
+
+    memory_target(a.target_mb, a.quant or "f16", a.ctx)          # bad values: exit 2 before any measurement
+    ctx = a.ctx or verify_context()
+    return memory_target(a.target_mb, a.quant or "f16", ctx, host_profile_for(_resolve(a.model), ctx))
 
 
 def cmd_eval(a) -> int:
@@ -297,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default=None,
                    help="obs (default: OBS cost, global allocation, sequential least-squares refit), magnitude, "
                         "wanda-sp, llm-pruner, flap, saap, mini-llm, bip")
-    s.add_argument("--ratio", type=float, required=True, help="fraction of non-embedding parameters to remove")
+    s.add_argument("--ratio", type=float, default=None, help="fraction of non-embedding parameters to remove")
+    _add_target_args(s)
     s.add_argument("--allocation", choices=list(ALLOCATORS), default=None, help="default: the method's own")
     s.add_argument("--calib", default="gutenberg", help="named set (gutenberg, wikitext2, ptb) or a .txt/.jsonl path")
     s.add_argument("--calib-samples", type=int, default=128)

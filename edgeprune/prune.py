@@ -5,8 +5,9 @@ import contextlib
 import json
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,9 +67,12 @@ class PruneConfig:
         o = self.options
         return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "resid")),
                              damp=float(o.get("recon_damp", 0.01)), intercept=_flag(o.get("recon_intercept", True)))
+    target: Any = None                   # planner.fit.FitTarget: prune to the least ratio that fits it (ratio unused)
 
     def validate(self) -> None:
-        if not (0.0 < self.ratio < 1.0):
+        if self.target is not None:
+            self.target.validate()
+        elif not (0.0 < self.ratio < 1.0):
             raise EdgepruneError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of non-embedding "
                                  "parameters to remove, e.g. 0.2")
         if self.multiple < 1:
@@ -109,9 +113,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
-    """Prune ``model`` in place; returns (plan, scores, info). No I/O besides reading calibration text."""
-    cfg.validate()
+@dataclass
+class Scored:
+    """One scoring of a model, all that allocation needs at any ratio (score once, allocate many)."""
+
+    scores: Any
+    groups: list
+    allocation: str
+    opts: AllocOptions
+    ctx: Context
+    timings: dict
+
+    def plan_at(self, ratio: float):
+        """The method's own allocation at ``ratio`` (no re-scoring)."""
+        return allocate(self.allocation, self.scores, self.groups, replace(self.opts, ratio=ratio), self.ctx)
+
+
+def score(model, tokenizer, cfg: PruneConfig, progress: bool = True) -> Scored:
+    """Calibrate and score ``model`` (not modified) and set up the allocation options."""
     method = get_method(cfg.method)
     alloc = cfg.allocation or method.default_allocation
     torch.manual_seed(cfg.seed)
@@ -133,8 +152,6 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
         ctx.calib_ids = ctx.calib_ids.cpu()
         if scores.bias_means is not None:
             scores.bias_means = [{k: v.cpu() for k, v in d.items()} for d in scores.bias_means]
-    t2 = time.time()
-    groups = model_groups(model)
     skip = scores.info.get("skip_default", [0, 0])
     _, nonemb = count_params(model)
     opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
@@ -142,21 +159,41 @@ def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True):
                         skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
                         min_kv=cfg.min_kv, multiple=cfg.multiple, extra=dict(cfg.options),
                         uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
-    plan = allocate(alloc, scores, groups, opts, ctx)
+    return Scored(scores, model_groups(model), alloc, opts, ctx,
+                  {"calib_s": round(t1 - t0, 2), "score_s": round(time.time() - t1, 2)})
+
+
+def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True, scored: Scored | None = None):
+    """Prune ``model`` in place; returns (plan, scores, info). No I/O besides reading calibration text.
+
+    With ``cfg.target`` (a :class:`~edgeprune.planner.fit.FitTarget`) the ratio is the least whose real shapes
+    fit the target, found by bisection on this one scoring (``info["ratio"]``, ``info["fit"]``). ``scored``: a
+    scoring of this same model already made (by the planner), used instead of scoring again."""
+    cfg.validate()
+    sc = scored or score(model, tokenizer, cfg, progress)
+    t2 = time.time()
+    ratio, fit = cfg.ratio, None
+    if cfg.target is not None:
+        from .planner import model_shape
+        from .planner.fit import choose_ratio
+
+        ratio = choose_ratio(cfg.target, sc, model_shape(model))
+        fit = {**cfg.target.describe(), "ratio": ratio}
+    plan = sc.plan_at(ratio)
     repair = cfg.repair_options()
     if repair is None:
-        apply_plan(model, plan, scores.bias_means)
+        apply_plan(model, plan, sc.scores.bias_means)
     else:   # the repair stage replaces the method's own surgery (and FLAP's bias compensation)
         from .repair import prune_repaired
 
-        reps = prune_repaired(model, plan, ctx.calib_ids, repair, ctx.batch_size, progress)
-    t3 = time.time()
-    info = {"allocation": alloc, "skip": [opts.skip_first, opts.skip_last], "scores_info": scores.info,
-            "timings": {"calib_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "allocate_apply_s": round(t3 - t2, 2)},
+        reps = prune_repaired(model, plan, sc.ctx.calib_ids, repair, sc.ctx.batch_size, progress)
+    info = {"allocation": sc.allocation, "skip": [sc.opts.skip_first, sc.opts.skip_last], "ratio": ratio, "fit": fit,
+            "scores_info": sc.scores.info,
+            "timings": {**sc.timings, "allocate_apply_s": round(time.time() - t2, 2)},
             "plan_meta": {k: v for k, v in plan.meta.items()}}
     if repair is not None:
         info["reconstruction"] = {**asdict(repair), "layers": [asdict(r) for r in reps]}
-    return plan, scores, info
+    return plan, sc.scores, info
 
 
 def _flag(v) -> bool:
@@ -195,29 +232,38 @@ def place(model, device: str = "cpu", device_map: str | None = None):
 
 
 def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
-              progress: bool = True) -> PruneResult:
+              progress: bool = True, scored: Scored | None = None) -> PruneResult:
+    """Prune the model at ``model_path`` into ``out``. ``scored``: the planner's scoring of that model, loaded
+    with its defaults (``scored.ctx.model`` is pruned in place instead of loading and scoring again)."""
     cfg.validate()
     get_method(cfg.method)  # fail fast on an unknown method, before loading anything
     check_output_dir(out, overwrite, inputs=(model_path,))  # and on an unusable --out, before reading the model
     check_model_dir(model_path)   # the one model validator (config table, dtypes, finite weights), before work
     stream = cfg.stream
+    if cfg.target is not None:   # bisection re-runs the allocator on one scoring: needs the scores in memory
+        if stream:
+            raise EdgepruneError("--target-mb prunes in memory (it allocates many times on one scoring); "
+                                 "drop --stream")
+        stream = False
     if stream is None:   # automatic: only when the weights would not fit and the allocation can stream
         from .stream import should_stream
 
         stream = (cfg.allocation or get_method(cfg.method).default_allocation) != "self-pruner" and \
             should_stream(model_path)
+    if scored is not None:
+        stream = False
     if stream:
         from .stream import run_prune_streamed
 
         return run_prune_streamed(model_path, out, cfg, overwrite=overwrite, progress=progress)
     out = check_output_dir(out, overwrite, inputs=(model_path,))
     t0 = time.time()
-    model = place(load(model_path), cfg.device, cfg.device_map)
+    model = scored.ctx.model if scored is not None else place(load(model_path), cfg.device, cfg.device_map)
     tok = load_tokenizer(model_path)
     before = layer_shapes(model)
     dense_groups = model_groups(model)
     total_b, nonemb_b = count_params(model)
-    plan, scores, info = prune_model(model, tok, cfg, progress)
+    plan, scores, info = prune_model(model, tok, cfg, progress, scored=scored)
     total_a, nonemb_a = count_params(model)
     after = layer_shapes(model)
     per_layer = []
@@ -228,7 +274,7 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
                           "kv_kept": len(kv) / lg.n_kv, "mlp_kept": len(ch) / lg.n_mlp, "removed_frac": 1 - kept / p})
     provenance = {
         "edgeprune_version": __version__, "source_model": str(Path(model_path).resolve()), "method": cfg.method,
-        "allocation": info["allocation"], "target_ratio": cfg.ratio,
+        "allocation": info["allocation"], "target_ratio": info["ratio"], "fit": info["fit"],
         "achieved_ratio": round(1 - nonemb_a / nonemb_b, 6),
         "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
         "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,
@@ -236,7 +282,7 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
         "bias_compensation": scores.bias_means is not None and "reconstruction" not in info,
         "reconstruction": _jsonable(info.get("reconstruction", {"mode": "method default"})),
     }
-    res = PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
+    res = PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=info["ratio"],
                       achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,
                       nonemb_before=nonemb_b, nonemb_after=nonemb_a, per_layer=per_layer,
                       timings={**info["timings"], "total_s": round(time.time() - t0, 2)}, peak_rss_mb=peak_rss_mb())
