@@ -47,13 +47,18 @@ class FitTarget:
                 "calibrated": self.profile.calibrated}
 
 
-def shape_from_plan(dense: ModelShape, plan) -> ModelShape:
-    """The shapes a plan leaves: per layer, kept KV groups (q heads follow ``n_rep``) and kept MLP channels."""
+def shape_from_plan(dense: ModelShape, plan, bias_means: list | None = None) -> ModelShape:
+    """The shapes a plan leaves: per layer, kept KV groups (q heads follow ``n_rep``) and kept MLP channels; a
+    pruned projection gains a bias where the method compensates it (``bias_means[i]`` has ``"o"`` / ``"down"``,
+    as :func:`edgeprune.surgery.apply_plan` does)."""
     layers = []
-    for s, kv, ch in zip(dense.layers, plan.keep_kv, plan.keep_mlp):
+    for i, (s, kv, ch) in enumerate(zip(dense.layers, plan.keep_kv, plan.keep_mlp)):
         n_rep = s.num_attention_heads // s.num_key_value_heads if s.num_key_value_heads else 1
+        means = (bias_means[i] if bias_means else None) or {}
+        o_bias = s.o_proj_bias or (len(kv) != s.num_key_value_heads and "o" in means)
+        down_bias = s.down_proj_bias or (len(ch) != s.intermediate_size and "down" in means)
         layers.append(replace(s, num_key_value_heads=len(kv), num_attention_heads=len(kv) * n_rep,
-                              intermediate_size=len(ch)))
+                              intermediate_size=len(ch), o_proj_bias=o_bias, down_proj_bias=down_bias))
     return replace(dense, layers=tuple(layers))
 
 
@@ -63,7 +68,7 @@ def shape_at(scored, dense: ModelShape) -> Callable[[float], ModelShape]:
 
     def at(r: float) -> ModelShape:
         if r not in memo:
-            memo[r] = dense if r == 0 else shape_from_plan(dense, scored.plan_at(r))
+            memo[r] = dense if r == 0 else shape_from_plan(dense, scored.plan_at(r), scored.scores.bias_means)
         return memo[r]
     return at
 

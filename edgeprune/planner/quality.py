@@ -183,4 +183,4 @@ def quality_shape(quality: MeasuredQuality, r: float):
     from .shapes import model_shape
 
     dense = model_shape(quality.model)
-    return dense if r == 0 else shape_from_plan(dense, quality.scored.plan_at(r))
+    return dense if r == 0 else shape_from_plan(dense, quality.scored.plan_at(r), quality.scored.scores.bias_means)
