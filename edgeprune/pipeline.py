@@ -270,7 +270,8 @@ def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, ob
                 _write_json(out / "plan.json", {**r.to_dict(), "quality": q.describe()})
             raise
         check = confirm(res, q, profile) if profile.runtime == "llama.cpp" else None
-        _write_json(out / "plan.json", {**res.to_dict(), "quality": q.describe(), "check": check})
+        _write_json(out / "plan.json", {**res.to_dict(), "quality": q.describe(), "check": check,
+                                        "table_text": planner.format_table(res)})
     finally:
         q.close()
     print(planner.format_table(res))

@@ -156,6 +156,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     if plan_json.exists():
         pj = json.loads(plan_json.read_text())
         rep["plan_why"], rep["plan_check"] = pj.get("why"), pj.get("check")
+        rep["plan_table"] = pj.get("table_text")
         rep["quality_basis"] = pj.get("quality_basis")
         if _frontier(out, pj):
             plots.append("frontier.png")
@@ -192,6 +193,8 @@ def _markdown(r: dict, profile) -> str:
                  f"Δ ln ppl {c['predicted']:+.4f}, measured {c['measured']:+.4f}")
     if chk:
         L.append("")
+    if r.get("plan_table"):
+        L += ["## Plan (every candidate, predicted)", "", "```", r["plan_table"], "```", ""]
     if r.get("prune"):
         L.append(f"Pruned: achieved {r['prune']['achieved_ratio']:.2%} of non-embedding parameters removed, "
                  f"{r['prune']['params_after']:,} parameters.")

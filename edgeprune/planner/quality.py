@@ -69,7 +69,7 @@ class MeasuredQuality:
 
     def __init__(self, scored, model_dir, tokenizer, runtime: str, quants, *, source: str = "gutenberg",
                  n: int = 32, seq_len: int = 128, seed: int = 0, threads: int = 1):
-        self.scored, self.model_dir, self.threads = scored, Path(model_dir), threads
+        self.scored, self.model_dir, self.threads, self.runtime = scored, Path(model_dir), threads, runtime
         self.model = scored.ctx.model
         self.ids = heldout_ids(tokenizer, source, n, seq_len, seed)
         self.slice = f"{source}: {n} x {seq_len} tokens, seed {seed + HELDOUT_SEED_OFFSET} (held out from calibration)"
@@ -140,6 +140,8 @@ class MeasuredQuality:
 
     def describe(self) -> dict:
         return {"slice": self.slice, "dense_ppl_torch": round(math.exp(self.dense_nll), 4),
+                "quant_basis": "prior (no runtime quantizer for this runtime)" if self.runtime != "llama.cpp" else
+                "measured on llama.cpp",
                 "quant_loss": {q: round(v, 6) for q, v in self.quant.items()},
                 "prune_loss": {str(r): round(v, 6) for r, v in sorted(self._prune.items())}}
 
