@@ -66,6 +66,7 @@ def _profile_yaml(tmp_path, quants) -> Path:
     return p
 
 
+@pytest.mark.heavy
 def test_run_ships_the_best_of_three_feasible_alternatives(ref_model_dir, calibrated_host, tmp_path):
     """demo-tiny-budget's memory budget with f16/q8_0/q4_k_m allowed: the shipped candidate's held-back ppl on
     llama.cpp is within 1% of the best of the three alternatives (each quant at its least fitting ratio)."""
@@ -84,6 +85,24 @@ def test_run_ships_the_best_of_three_feasible_alternatives(ref_model_dir, calibr
     assert got <= 1.01 * min(ppl.values()), (plan["chosen"]["quant"], got, ppl)
     assert plan["why"] and "frontier.png" in (out / "report.md").read_text()
     assert len(plan["check"]["candidates"]) == 2
+
+
+def test_plan_stage_chooses_the_best_of_three_feasible_alternatives(ref_model_dir, calibrated_host, tmp_path):
+    """CI variant of the test above: ``run``'s plan stage alone (one scoring, measured quality, end-to-end check),
+    then the three alternatives measured on the held-back text on llama.cpp."""
+    from edgeprune.pipeline import RunConfig, _stage_plan
+
+    prof = load_profile(_profile_yaml(tmp_path, ["f16", "q8_0", "q4_k_m"]))
+    cfg = RunConfig(model=str(ref_model_dir), profile=str(prof.path), out=str(tmp_path), calib_samples=16)
+    info, _ = _stage_plan(cfg, Path(ref_model_dir), tmp_path, prof)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    least = {c["quant"]: c for c in plan["table"] if c["role"] == "least"}
+    assert set(least) == {"f16", "q8_0", "q4_k_m"} and plan["quality_basis"] == "measured"
+    ppl = {q: _heldout_runtime_ppl(_artifact(ref_model_dir, tmp_path / q, "flap", c["ratio"], q, 16), ref_model_dir)
+           for q, c in least.items()}
+    assert info["ratio"] == least[info["quant"]]["ratio"]
+    assert ppl[info["quant"]] <= 1.01 * min(ppl.values()), (info["quant"], ppl)
+    assert "beat the runner-up" in plan["why"]
 
 
 def test_demo_run_prunes_once_at_the_least_fitting_ratio(ref_model_dir, calibrated_host, tmp_path):

@@ -76,26 +76,35 @@ class MeasuredQuality:
         self.dense_nll = torch_nll(self.model, self.ids)
         self._prune: dict[float, float] = {0.0: 0.0}
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-quality-")
-        self.quant = self._quant_losses(runtime, quants)
+        self.quants, self._quant, self._dense_rt = tuple(quants), None, None
 
-    def _quant_losses(self, runtime: str, quants) -> dict[str, float]:
-        if runtime != "llama.cpp":
-            return {q: QUANT_PRIOR[q] for q in quants}
+    @property
+    def quant(self) -> dict[str, float]:
+        """``Q(q)`` for every allowed quant, measured on first use (f16/f32 are the reference: 0)."""
+        if self._quant is None:
+            if self.runtime != "llama.cpp":
+                self._quant = {q: QUANT_PRIOR[q] for q in self.quants}
+            else:
+                self._quant = {q: 0.0 if q in ("f16", "f32") else self._runtime_quant_loss(q) for q in self.quants}
+        return self._quant
+
+    def _dense_f16(self) -> tuple[Path, float]:
+        """The dense model's f16 GGUF and its runtime NLL on the slice (made once)."""
+        if self._dense_rt is None:
+            import exporters
+
+            f16 = Path(self._tmp.name) / "dense-f16.gguf"
+            exporters.export(str(self.model_dir), "gguf", str(f16), quant="f16")
+            self._dense_rt = (f16, runtime_nll(f16, self.ids, self.threads))
+        return self._dense_rt
+
+    def _runtime_quant_loss(self, q: str) -> float:
         from exporters.gguf import quantize
-        import exporters
 
-        d = Path(self._tmp.name)
-        f16 = d / "dense-f16.gguf"
-        exporters.export(str(self.model_dir), "gguf", str(f16), quant="f16")
-        base = runtime_nll(f16, self.ids, self.threads)
-        out = {}
-        for q in quants:
-            if q in ("f16", "f32"):
-                out[q] = 0.0
-                continue
-            quantize(f16, d / f"dense-{q}.gguf", q, threads=self.threads)
-            out[q] = runtime_nll(d / f"dense-{q}.gguf", self.ids, self.threads) - base
-        return out
+        f16, base = self._dense_f16()
+        art = Path(self._tmp.name) / f"dense-{q}.gguf"
+        quantize(f16, art, q, threads=self.threads)
+        return runtime_nll(art, self.ids, self.threads) - base
 
     def pruned(self, r: float):
         """A copy of the model pruned at ``r`` by the method's allocation on the one scoring."""
@@ -135,14 +144,13 @@ class MeasuredQuality:
         if c.quant not in ("f16", "f32"):
             art = d / f"{c.quant}.gguf"
             quantize(f16, art, c.quant, threads=self.threads)
-        dense = runtime_nll(Path(self._tmp.name) / "dense-f16.gguf", self.ids, self.threads)
-        return runtime_nll(art, self.ids, self.threads) - dense
+        return runtime_nll(art, self.ids, self.threads) - self._dense_f16()[1]
 
     def describe(self) -> dict:
         return {"slice": self.slice, "dense_ppl_torch": round(math.exp(self.dense_nll), 4),
                 "quant_basis": "prior (no runtime quantizer for this runtime)" if self.runtime != "llama.cpp" else
                 "measured on llama.cpp",
-                "quant_loss": {q: round(v, 6) for q, v in self.quant.items()},
+                "quant_loss": {q: round(v, 6) for q, v in (self._quant or {}).items()},
                 "prune_loss": {str(r): round(v, 6) for r, v in sorted(self._prune.items())}}
 
     def close(self) -> None:
@@ -156,7 +164,9 @@ def confirm(res, quality: MeasuredQuality, profile, tol: float = 1e-3) -> dict:
     from .priors import loss_pct
     from .search import _explain
 
-    pair = [c for c in (res.chosen, res.runner_up) if c is not None]
+    if res.chosen is None or res.runner_up is None:
+        return {"candidates": [], "swapped": False, "protocol": "no runner-up to check the choice against"}
+    pair = [res.chosen, res.runner_up]
     rows = []
     for c in pair:
         m = quality.end_to_end(c)

@@ -223,7 +223,9 @@ def _candidates(ev: _Evaluator, quants: tuple[str, ...], grid: list[float], reso
             if r > 0:
                 roles[(q, round(r - resolution, 6))] = "below"
     order = {q: i for i, q in enumerate(quants)}
-    return [ev.candidate(q, r, role) for (q, r), role in sorted(roles.items(), key=lambda x: (order[x[0][0]], x[0][1]))]
+    feasible = any(role == "least" for role in roles.values())   # a refusal needs no quality measurement
+    return [ev.candidate(q, r, role) if feasible else ev.predicted(q, r)
+            for (q, r), role in sorted(roles.items(), key=lambda x: (order[x[0][0]], x[0][1]))]
 
 
 def _notes(profile) -> list[str]:
