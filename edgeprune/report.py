@@ -134,7 +134,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     p = planner.predict(str(final_dir), plan["quant"], profile, n_ctx=ctx, kv_tokens=m.get("kv_tokens"),
                         n_prompt=m.get("prompt"))
     predicted = {k: getattr(p, k) for k in KEYS} | {"decode_ms": p.decode_ms, "basis": "projected"}
-    on_host = profile.name in ("host",) or getattr(profile, "base", None) == "host" or "host" in str(
+    on_host = getattr(profile, "is_host", False) or profile.name in ("host",) or "host" in str(
         getattr(profile, "sources", {}).get("peak_bandwidth_gbps", ""))
     judged = measured if on_host else predicted
     b = profile.budgets
