@@ -118,8 +118,9 @@ def rows_measured(ref: Path, profiles: list) -> list[dict]:
                      "basis": "measured", "slice": q.slice, "check": check,
                      "old": None if old is None else {"quant": old[0], "ratio": old[1], "achieved": round(old[2], 4),
                                                       "loss_pct": round(loss_pct(old_loss), 2)},
-                     "new": {"quant": res.chosen.quant, "ratio": res.chosen.ratio,
-                             "achieved": round(res.chosen.achieved_ratio, 4), "loss_pct": round(res.chosen.loss_pct, 2)}})
+                     "new": None if res.chosen is None else {
+                         "quant": res.chosen.quant, "ratio": res.chosen.ratio,
+                         "achieved": round(res.chosen.achieved_ratio, 4), "loss_pct": round(res.chosen.loss_pct, 2)}})
         q.close()
     return rows
 
@@ -169,8 +170,10 @@ def main() -> int:
     profiles = list_profiles()
     rows = rows_prior([llama_1b(), model_shape(ref)], profiles)
     if importlib.util.find_spec("llama_cpp") is not None:
-        demo = load_profile("demo-tiny-budget")
-        rows += rows_measured(ref, [demo, replace(demo, name="demo-tiny-budget + q8_0/q4_k_m",
+        demo = load_profile("demo-tiny-budget")   # speed budgets relaxed: the shared machine is loaded, memory binds
+        demo = replace(demo, name="demo-tiny-budget (speed budgets relaxed)",
+                       budgets=replace(demo.budgets, max_decode_ms_per_token=100.0, min_prefill_tps=10.0))
+        rows += rows_measured(ref, [demo, replace(demo, name="demo-tiny-budget + q8_0/q4_k_m (speed relaxed)",
                                                   allowed_quants=("f16", "q8_0", "q4_k_m"))])
     res = {"command": "python scripts/bench_planner.py", "machine": f"{platform.machine()}, {platform.processor() or ''} "
            f"{__import__('os').cpu_count()} cores, {platform.system()}", "host_calibration": host_cal, "rows": rows,
