@@ -93,7 +93,10 @@ def test_run_ships_the_best_of_three_feasible_alternatives(ref_model_dir, calibr
     plan = json.loads((out / "plan.json").read_text())
     least = {c["quant"]: c for c in plan["table"] if c["role"] == "least"}
     assert set(least) == {"f16", "q8_0", "q4_k_m"} and plan["quality_basis"] == "measured"
-    ppl = {q: _heldout_runtime_ppl(_artifact(ref_model_dir, tmp_path / q, "flap", c["ratio"], q, 16), ref_model_dir)
+    from edgeprune.pipeline import RunConfig
+
+    method = RunConfig(model="", profile="", out="").method         # run's default method, as the run used
+    ppl = {q: _heldout_runtime_ppl(_artifact(ref_model_dir, tmp_path / q, method, c["ratio"], q, 16), ref_model_dir)
            for q, c in least.items()}
     state = json.loads((out / "state.json").read_text())
     shipped = out / state["stages"]["export"]["artifact"]
@@ -114,8 +117,8 @@ def test_plan_stage_chooses_the_best_of_three_feasible_alternatives(ref_model_di
     plan = json.loads((tmp_path / "plan.json").read_text())
     least = {c["quant"]: c for c in plan["table"] if c["role"] == "least"}
     assert set(least) == {"f16", "q8_0", "q4_k_m"} and plan["quality_basis"] == "measured"
-    ppl = {q: _heldout_runtime_ppl(_artifact(ref_model_dir, tmp_path / q, "flap", c["ratio"], q, 16), ref_model_dir)
-           for q, c in least.items()}
+    ppl = {q: _heldout_runtime_ppl(_artifact(ref_model_dir, tmp_path / q, cfg.method, c["ratio"], q, 16),
+                                   ref_model_dir) for q, c in least.items()}
     assert info["ratio"] == least[info["quant"]]["ratio"]
     assert ppl[info["quant"]] <= 1.01 * min(ppl.values()), (info["quant"], ppl)
     assert "beat the runner-up" in plan["why"]

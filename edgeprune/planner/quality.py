@@ -8,7 +8,10 @@ calibration reads their *valid* splits, not the test texts.
 **Loss** of a candidate (quant ``q``, ratio ``r``) as ``Δ ln ppl`` against the dense model:
 
 * pruning loss ``P(r) = ln ppl_torch(pruned at r) − ln ppl_torch(dense)``: the method's own allocation at ``r``
-  from the one scoring, applied by surgery (with the method's bias compensation) to a copy of the model;
+  from the one scoring, applied by surgery (with the method's bias compensation) to a copy of the model. A
+  method whose default adds the reconstruction stage (:mod:`edgeprune.repair`, e.g. ``obs``) is measured
+  *without* it (one refit per ratio would multiply the plan's cost): ``P`` then over-states the pruned model's
+  loss, which can only make the planner prefer less pruning;
 * quantization loss ``Q(q) = ln ppl_rt(dense at q) − ln ppl_rt(dense f16)`` on the target runtime: the dense f16
   GGUF quantized by llama.cpp's own quantizer (``llama_model_quantize``), evaluated by llama.cpp (F16 KV cache,
   as deployed). ONNX profiles use the prior for ``Q`` (:mod:`.priors`).
