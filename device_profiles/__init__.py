@@ -150,12 +150,22 @@ def _err(where: str, fld: str, msg: str) -> EdgepruneError:
     return EdgepruneError(f"{where}: field '{fld}' {msg}")
 
 
+MIN_POSITIVE = 1e-6   # smallest positive figure or budget accepted
+
+
 def _number(where: str, fld: str, v: Any, typ: type, lo: float, lo_incl: bool, hi: float | None):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _err(where, fld, f"must be a number, got {v!r}; fix the value")
-    if typ is int and (not float(v).is_integer()):
+    try:
+        fv = float(v)
+    except OverflowError:
+        raise _err(where, fld, f"is a {len(str(abs(v)))}-digit number, far beyond any device; fix the value") from None
+    if typ is int and (not fv.is_integer()):
         raise _err(where, fld, f"must be a whole number, got {v!r}; fix the value")
-    if not math.isfinite(v) or (v < lo if lo_incl else v <= lo) or (hi is not None and v > hi):
+    if not lo_incl and lo == 0 and 0 < fv < MIN_POSITIVE:   # products of such figures underflow to 0
+        raise _err(where, fld, f"is {v!r}, below {MIN_POSITIVE:g} (no real device or budget is that small; products "
+                   "of such figures underflow); fix the value")
+    if not math.isfinite(fv) or (v < lo if lo_incl else v <= lo) or (hi is not None and v > hi):
         bound = f"{'>=' if lo_incl else '>'} {lo}" + (f" and <= {hi}" if hi is not None else "")
         raise _err(where, fld, f"is {v!r}, which is impossible (must be {bound}); fix the value")
     return typ(v)
@@ -279,16 +289,81 @@ def validate(raw: Any, where: str, device_defaults: dict[str, Figure] | None = N
 
 
 # ------------------------------------------------------------------------------------------------ loading
+MAX_YAML_BYTES = 1 << 20     # a profile is a few hundred bytes; 1 MiB leaves room and bounds parsing
+MAX_YAML_NODES = 10_000      # nodes after expanding aliases: a nested-alias "billion laughs" is refused early
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and documents that expand (through aliases) past
+    :data:`MAX_YAML_NODES` nodes, before constructing anything."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", k.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
+
+
+def _expanded_size(root) -> int:
+    """Node count of ``root`` with every alias expanded, computed without expanding (memoised per node)."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in busy:
+            raise yaml.composer.ComposerError(None, None, "recursive alias", n.start_mark)
+        busy.add(id(n))
+        kids = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else
+                n.value if isinstance(n, yaml.SequenceNode) else [])
+        total = 1
+        for c in kids:
+            total += size(c)
+            if total > MAX_YAML_NODES:
+                raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_YAML_NODES:,} nodes "
+                                                  "through aliases", n.start_mark)
+        busy.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(root)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise EdgepruneError(f"{path}: {path.stat().st_size:,} bytes is too large for a profile (at most "
+                                 f"{MAX_YAML_BYTES:,}); pass the profile YAML file")
+        data = path.read_bytes()
     except OSError as e:
         raise EdgepruneError(f"{path}: cannot read profile ({e.strerror}); check the path") from None
     try:
-        return yaml.safe_load(text)   # plain YAML only: a !!python/... tag is refused, never constructed
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgepruneError(f"{path}: not UTF-8 text (byte {e.start}); save the profile as UTF-8 (iconv -t UTF-8)") \
+            from None
+    try:
+        loader = _ProfileLoader(text)   # plain YAML only (SafeLoader): a !!python/... tag is refused
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.constructor.ConstructorError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
+        if "duplicate key" in str(e.problem):
+            raise EdgepruneError(f"{path}: {e.problem}{at}; each key may appear once: remove the duplicate") from None
         raise EdgepruneError(f"{path}: YAML tag not allowed{at} ({e.problem}); profiles are plain YAML, remove the "
                              "tag and fix the value") from None
     except yaml.YAMLError as e:

@@ -48,10 +48,27 @@ RUNTIME_DEFAULTS: dict[str, dict[str, tuple[float, str]]] = {
 }
 
 
-def cache_dir() -> Path:
-    d = Path(os.environ.get("EDGEPRUNE_CACHE") or Path.home() / ".cache" / "edgeprune")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+def cache_dir() -> Path | None:
+    """``$EDGEPRUNE_CACHE`` or ``~/.cache/edgeprune``, or None when it cannot be created or written (a read-only
+    or missing home): the cache is optional, measurements are then simply not kept (one note on stderr)."""
+    try:
+        d = Path(os.environ.get("EDGEPRUNE_CACHE") or Path.home() / ".cache" / "edgeprune")
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK | os.X_OK):
+            return d
+    except (OSError, RuntimeError, KeyError):
+        d = os.environ.get("EDGEPRUNE_CACHE") or "~/.cache/edgeprune"
+    global _NOTED
+    if not _NOTED:
+        import sys
+
+        print(f"edgeprune: note: the cache folder {d} cannot be written; host measurements are not kept (set "
+              "EDGEPRUNE_CACHE to a writable folder to keep them)", file=sys.stderr)
+        _NOTED = True
+    return None
+
+
+_NOTED = False
 
 
 def _key() -> str:
@@ -100,7 +117,10 @@ def measure() -> dict:
 
 def host_measurement(refresh: bool = False) -> dict:
     """Cached :func:`measure` result for this machine (re-measured when the machine or probe version changes)."""
-    f = cache_dir() / "host.json"
+    c = cache_dir()
+    if c is None:
+        return measure()
+    f = c / "host.json"
     if not refresh and f.is_file():
         try:
             d = json.loads(f.read_text())
@@ -133,13 +153,16 @@ def host_figures(refresh: bool = False, runtime: str = "llama.cpp") -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-def calibration_file() -> Path:
-    return cache_dir() / "host_calibration.json"
+def calibration_file() -> Path | None:
+    c = cache_dir()
+    return None if c is None else c / "host_calibration.json"
 
 
-def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path:
+def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path | None:
     """Store fitted figures for ``runtime`` (merged with what is there), keyed to this machine."""
     f = calibration_file()
+    if f is None:
+        return None
     try:
         allc = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, json.JSONDecodeError):
@@ -154,7 +177,7 @@ def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path:
 
 def saved_calibration(runtime: str) -> dict[str, Figure]:
     f = calibration_file()
-    if not f.is_file():
+    if f is None or not f.is_file():
         return {}
     try:
         d = json.loads(f.read_text()).get(_key(), {}).get(runtime, {})

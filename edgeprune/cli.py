@@ -60,17 +60,21 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ commands
 def cmd_prune(a) -> int:
-    from .prune import PruneConfig, run_prune
+    from .prune import DEFAULT_METHOD, PruneConfig, run_prune
 
+    from .options import check_prune
     from .paths import guard_output
 
+    check_prune(a)
     guard_output(a.out, kind="dir", inputs=(a.model, _input_path(a.calib)), overwrite=a.overwrite)
     if a.target_format:   # what that format cannot compute, refused before any work
         from exporters.features import check_dir
 
         check_dir(a.model, a.target_format, a.max_context)
 
-    cfg = PruneConfig(method=a.method, ratio=a.ratio, allocation=a.allocation, calib=a.calib,
+    target = _fit_target(a)
+    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio if target is None else 0.0, target=target,
+                      allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
                       stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
@@ -78,11 +82,39 @@ def cmd_prune(a) -> int:
                       reconstruct=a.reconstruct, sequential=a.sequential)
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
-          f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.0%}); "
+          f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.1%}"
+          + (f", the least that fits {a.target_mb:g} MB at {a.quant}" if target is not None else "") + "); "
           f"total {res.params_before:,} -> {res.params_after:,}")
     print(res.table())
     print(f"saved to {res.out}  ({res.timings['total_s']} s, peak RSS {res.peak_rss_mb:.0f} MB)")
     return 0
+
+
+def _add_target_args(s) -> None:
+    s.add_argument("--target-mb", type=float, default=None,
+                   help="instead of --ratio: prune the least that fits N MB peak memory on llama.cpp (weights + KV "
+                        "cache + this host's calibrated overhead)")
+    s.add_argument("--quant", default=None, help="with --target-mb: the GGUF type the budget is for (default f16)")
+    s.add_argument("--ctx", type=int, default=None,
+                   help="with --target-mb: context the KV cache is counted at (default: the one verify measures at)")
+
+
+def _fit_target(a):
+    """``--target-mb N [--quant q] [--ctx C]`` -> a FitTarget on this host's calibrated llama.cpp figures; or None
+    with ``--ratio``. Exactly one of the two is required."""
+    if (a.ratio is None) == (a.target_mb is None):
+        raise EdgepruneError("pass exactly one of --ratio (fraction of non-embedding parameters) and --target-mb "
+                             "(peak memory on llama.cpp, MB)")
+    if a.target_mb is None:
+        if a.quant is not None or a.ctx is not None:
+            raise EdgepruneError("--quant and --ctx go with --target-mb; drop them or use --target-mb")
+        return None
+    from .models import resolve_dir
+    from .planner.fit import host_profile_for, memory_target, verify_context
+
+    memory_target(a.target_mb, a.quant or "f16", a.ctx)          # bad values: exit 2 before any measurement
+    ctx = a.ctx or verify_context()
+    return memory_target(a.target_mb, a.quant or "f16", ctx, host_profile_for(resolve_dir(a.model), ctx))
 
 
 def cmd_eval(a) -> int:
@@ -94,8 +126,6 @@ def cmd_eval(a) -> int:
     for name in _csv(a.ppl):
         if name not in EVAL_SETS:
             raise EdgepruneError(f"--ppl: unknown evaluation set '{name}'; use a comma list of {', '.join(EVAL_SETS)}")
-    if not 2 <= a.seq_len <= 1_000_000:
-        raise EdgepruneError(f"--seq-len {a.seq_len} is out of range; use at least 2 tokens (128 is the protocol)")
     for flag, v in (("--max-chunks", a.max_chunks), ("--limit", a.limit)):
         if v is not None and v < 1:
             raise EdgepruneError(f"{flag} {v} must be >= 1 (leave it out for all)")
@@ -105,6 +135,9 @@ def cmd_eval(a) -> int:
         bad = [t for t in _csv(a.tasks) if t not in TASK_FILES]
         if bad:
             raise EdgepruneError(f"--tasks: unknown task(s) {', '.join(bad)}; valid names: {', '.join(TASK_FILES)}")
+    from .options import check_eval
+
+    check_eval(a)
     _guard_json(a, a.model)
     model, tok = load(a.model), load_tokenizer(a.model)
     res = evaluate(model, tok, ppl=_csv(a.ppl), seq_len=a.seq_len, tasks=_csv(a.tasks), limit=a.limit,
@@ -296,8 +329,11 @@ def _add_prune(sub) -> None:
 
     s = sub.add_parser("prune", help="prune a model structurally")
     s.add_argument("model")
-    s.add_argument("--method", required=True, help=f"importance method: {', '.join(method_names())}")
-    s.add_argument("--ratio", type=float, required=True, help="fraction of non-embedding parameters to remove")
+    s.add_argument("--method", default=None,
+                   help=f"importance method (default obs: OBS cost, global allocation, sequential least-squares "
+                        f"refit): {', '.join(method_names())}")
+    s.add_argument("--ratio", type=float, default=None, help="fraction of non-embedding parameters to remove")
+    _add_target_args(s)
     s.add_argument("--allocation", choices=list(ALLOCATORS), default=None, help="default: the method's own")
     s.add_argument("--calib", default="gutenberg", help="named set (gutenberg, wikitext2, ptb) or a .txt/.jsonl path")
     s.add_argument("--calib-samples", type=int, default=128)
@@ -420,6 +456,24 @@ _IO_MARKERS = ("os error", "file too large", "no space left", "read-only file sy
                "inline_container", "pytorchstreamwriter", "unexpected pos")
 
 
+# a library's own exception while it reads an input file: the input is unreadable (exit 2), not an internal error
+_LIBRARY_INPUTS = {
+    "onnxruntime": "onnxruntime cannot load the ONNX model ({what}); the file is truncated or corrupt: re-export it",
+    "onnx": "the ONNX model cannot be read ({what}); the file is truncated or corrupt: re-export it",
+    "google.protobuf": "the ONNX model cannot be parsed ({what}); the file is truncated or corrupt: re-export it",
+    "safetensors": "a weights file cannot be read ({what}); re-download or re-export the model",
+    "gguf": "the GGUF file cannot be read ({what}); it is truncated or corrupt: re-export it",
+}
+
+
+def _library_error(e: Exception, text: str) -> str | None:
+    mod = type(e).__module__ or ""
+    for prefix, msg in _LIBRARY_INPUTS.items():
+        if mod == prefix or mod.startswith(prefix + "."):
+            return msg.format(what=f"{type(e).__name__}: {text}")
+    return None
+
+
 def _ignore_sigxfsz() -> None:
     """Under a file-size limit (``ulimit -f``) the kernel kills the process with SIGXFSZ on the first oversized
     write; ignored, the write fails with EFBIG instead and is reported as one line like any other disk error."""
@@ -492,6 +546,10 @@ def _main(argv: list[str] | None) -> int:
         if any(m in text.lower() for m in _IO_MARKERS):
             print(f"edgeprune: error: writing output failed ({type(e).__name__}: {text}); check free disk space, "
                   "permissions and any file-size limit (ulimit -f), then re-run", file=sys.stderr)
+            return 2
+        lib = _library_error(e, text)
+        if lib:
+            print(f"edgeprune: error: {lib}", file=sys.stderr)
             return 2
         print(f"edgeprune: internal error: {type(e).__name__}: {text} "
               "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)

@@ -30,9 +30,17 @@ EVAL_SETS = ("wikitext2", "ptb", "heldout")
 CALIB_SETS = ("wikitext2", "ptb", "gutenberg")
 
 
+MAX_TEXT_BYTES = 4 << 30   # a text source is read whole: refuse what could not be (and /dev/zero-like streams)
+
+
 def _read(p: Path) -> str:
+    if p.exists() and not p.is_file():
+        raise EdgepruneError(f"{p} is not a regular file (a device, FIFO, socket or folder); pass a text file")
     if not p.is_file():
         raise EdgepruneError(f"data file {p} not found; check EDGEPRUNE_SHARED / EDGEPRUNE_DATA or pass a path")
+    if p.stat().st_size > MAX_TEXT_BYTES:
+        raise EdgepruneError(f"{p} is {p.stat().st_size / 2**30:.1f} GiB, more than the {MAX_TEXT_BYTES >> 30} GiB a "
+                             "text source may have; pass a smaller sample of it")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -89,8 +97,10 @@ def _jsonl_texts(p: Path) -> list[str]:
 
 
 def source_texts(source: str) -> list[str]:
-    """Documents of a calibration/fine-tuning source (named set or path). Never includes the held-back text."""
-    d = data_dir()
+    """Documents of a calibration/fine-tuning source (named set or path). Never includes the held-back text. A path
+    needs no shared data folder."""
+    if source in CALIB_SETS:
+        d = data_dir()
     if source == "gutenberg":
         texts = []
         for b in _books():
@@ -108,6 +118,9 @@ def source_texts(source: str) -> list[str]:
     if source in ("heldout",):
         raise EdgepruneError("the held-back text is for evaluation only; calibrate on gutenberg, wikitext2, ptb or a file")
     p = Path(source)
+    if p.exists() and not p.is_file() and not p.is_dir():
+        raise EdgepruneError(f"calibration source {p} is not a regular file (a device, FIFO or socket); pass a "
+                             "text file, a .jsonl file, a folder of them or a named set")
     if p.is_dir():
         files = sorted(p.glob("*.txt")) + sorted(p.glob("*.jsonl"))
         if not files:

@@ -419,6 +419,23 @@ def score(method: Method, model, ctx: Context) -> Scores:
     return _scores(w, method)
 
 
+def apply(source, sink, plan: Plan, ctx: Context, cfg: EngineConfig, bias_means=None) -> None:
+    """Pass 2 of the loop alone: prune every layer of ``source`` by a given ``plan`` (e.g. one allocation of a
+    planner's scoring, :class:`edgeprune.prune.Scored`) into ``sink``. Surgery with ``bias_means``, or
+    ``cfg.stage`` / ``cfg.repair`` / ``propagate="pruned"`` from the layer-0 inputs of ``ctx.calib_ids`` -- the
+    same steps, in the same order, as :func:`run`'s second pass."""
+    scorer = _StatsOnly(None, None)
+    scorer.needs_inputs = False   # layer-0 inputs only when a stage, repair or propagation needs them
+    cfg = EngineConfig(allocation=cfg.allocation, alloc=None, propagate=cfg.propagate, hooks=cfg.hooks,
+                       repair=cfg.repair, stage=cfg.stage, progress=cfg.progress)
+    w, _, _, _ = _start(source, sink, Method(), ctx, cfg, scorer=scorer)
+    hs0, w.hs = w.hs, None
+    w.stats = [None] * len(w.groups)
+    source.prepare_surgery()
+    with torch.no_grad():
+        _pass2(w, plan, hs0, bias_means)
+
+
 def apply_stage(model, plan: Plan, ids: torch.Tensor, stage, batch_size: int = 16, progress: bool = False) -> None:
     """Apply ``plan`` to a resident model through a layer ``stage`` (e.g. :class:`edgeprune.repair.RepairStage`),
     layer by layer from the layer-0 inputs of ``ids`` (pass 2 of the loop alone)."""

@@ -152,8 +152,8 @@ def _lock_output(p: Path, flag: str) -> None:
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise EdgepruneError(f"{flag} {p} is being written by another edgeprune process (pid {pid}); wait for it "
-                                 "to finish or choose another path") from None
+            raise EdgepruneError(f"{flag} {p} is in use by another edgeprune run (pid {pid}), which is writing it; "
+                                 f"wait for it to finish or choose another {flag}") from None
         try:   # the holder before us may have deleted the file we locked: then lock the new one
             same = os.fstat(fd).st_ino == os.stat(f).st_ino
         except FileNotFoundError:
@@ -280,7 +280,30 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         os.unlink(src)
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGTERM/SIGHUP/SIGINT held back for the few renames of a commit (delivered right after), so a signal never
+    leaves the old output moved aside and the new one not yet in place."""
+    import signal
+
+    sigs = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    with _signals_deferred():
+        _commit_now(tmp, out, overwrite)
+
+
+def _commit_now(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``. If nothing was at ``out`` when it was guarded, the move must not
     replace anything (another writer got there first: this result is discarded, exit 2)."""
     existed = _GUARDED.get(str(Path(os.path.abspath(out))))

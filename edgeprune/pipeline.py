@@ -26,7 +26,7 @@ class RunConfig:
     model: str
     profile: str
     out: str
-    method: str = "flap"
+    method: str = "obs"               # = edgeprune.prune.DEFAULT_METHOD (OBS + its sequential lsq refit)
     allocation: str | None = None
     finetune: str = "none"            # none | groupwise | lora
     finetune_minutes: float = 2.0
@@ -122,6 +122,9 @@ def run(cfg: RunConfig) -> dict:
                              "drop --format or pick a profile for that runtime")
     from exporters.features import check_dir
 
+    from .options import check_run
+
+    check_run(cfg)
     check_dir(src, fmt, cfg.max_context)   # what the target format cannot compute, refused before any work
     if cfg.finetune not in ("none", "groupwise", "lora"):
         raise EdgepruneError(f"--finetune {cfg.finetune} unknown; use none, groupwise or lora")
@@ -154,8 +157,11 @@ def run(cfg: RunConfig) -> dict:
 
 
 def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict:
+    import torch
+
     from . import planner
 
+    torch.set_num_threads(cfg.threads)   # scoring in plan and in a resumed prune stage: same reductions, same bits
     with Lock(out):
         remove_stale_temps(out)   # temp siblings of a killed earlier run (we hold the lock: nobody owns them)
         mark_ours(out)
@@ -171,8 +177,9 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
             from .planner import HostCalibration
 
             profile = planner.apply_calibration(profile, HostCalibration(**cal["calibration"]))
-        plan = _stage_plan(st, cfg, src, out, profile)                          # 2. plan
-        model_dir = _stage_prune(st, cfg, src, out, profile, plan)              # 3. prune
+        plan, scored = _stage_plan(st, cfg, src, out, profile)                  # 2. plan (scores once)
+        model_dir = _stage_prune(st, cfg, src, out, profile, plan, scored)      # 3. prune (the plan's scoring)
+        scored = None
         if cfg.finetune != "none" and plan["ratio"] > 0:                        # 4. recover
             model_dir = _stage_finetune(st, cfg, model_dir, out)
         art = _stage_export(st, cfg, model_dir, out, profile, fmt, plan)        # 5. export
@@ -194,56 +201,84 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
         return rep
 
 
-def _stage_plan(st, cfg: RunConfig, src: Path, out: Path, profile) -> dict:
-    from . import planner
+def _prune_config(cfg: RunConfig, ratio: float, profile):
+    from .prune import PruneConfig
 
+    return PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation, calib_samples=cfg.calib_samples,
+                       seed=cfg.seed, multiple=cfg.mlp_multiple, uniform_kv=profile.uniform_kv,
+                       uniform_shapes=profile.uniform_shapes)
+
+
+def _stage_plan(st, cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
+    """The plan stage's record and the scoring it planned on (None when the stage was done by an earlier run)."""
+    scored = None
     if not st.done("plan"):
         _log(f"stage plan: fitting {src.name} to {profile.name}")
-        try:
-            res = planner.plan(str(src), profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct)
-        except BudgetError as e:
-            r = getattr(e, "result", None)
-            if r is not None:
-                with atomic_file(out / "plan.json") as tmp:
-                    tmp.write_text(json_text(r.to_dict()))
-            raise
-        with atomic_file(out / "plan.json") as tmp:
-            tmp.write_text(json_text(res.to_dict()))
-        print(planner.format_table(res))
-        _log(res.explanation)
-        st.mark("plan", {"quant": res.chosen.quant, "ratio": res.chosen.ratio, "explanation": res.explanation})
-    return st.done("plan")
+        info, scored = _plan_scored(cfg, src, out, profile)
+        st.mark("plan", info)
+    return st.done("plan"), scored
 
 
-def _stage_prune(st, cfg: RunConfig, src: Path, out: Path, profile, plan: dict) -> Path:
-    """The pruned model's folder (the source when the plan does not prune)."""
-    from . import planner
-
+def _stage_prune(st, cfg: RunConfig, src: Path, out: Path, profile, plan: dict, scored) -> Path:
+    """The pruned model's folder (the source when the plan does not prune). Pruned once, at the plan's ratio, with
+    the plan's scoring (a resumed run scores again: same seed, same scores, same allocation)."""
     if plan["ratio"] <= 0:
         return src
     if not st.done("prune"):
         _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
-        from .prune import PruneConfig, run_prune
-
-        ratio, tries = plan["ratio"], []
-        while True:
-            # the planner assumed uniform shapes; a method's own allocation may keep other layers (e.g.
-            # more KV heads): predict the real shapes and prune harder (+0.05) until they fit too
-            pc = PruneConfig(method=cfg.method, ratio=ratio, allocation=cfg.allocation,
-                             calib_samples=cfg.calib_samples, seed=cfg.seed, multiple=cfg.mlp_multiple,
-                             uniform_kv=profile.uniform_kv, uniform_shapes=profile.uniform_shapes)
-            r = run_prune(src, out / "pruned", pc, overwrite=True)
-            p = planner.predict(str(out / "pruned"), plan["quant"], profile)
-            fits, short = planner.check(p, profile, cfg.margin_pct / 100)
-            tries.append({"ratio": ratio, "achieved_ratio": r.achieved_ratio, "fits": fits})
-            if all(fits.values()) or ratio >= 0.9:
-                break
-            _log(f"pruned shapes miss {[k for k, v in fits.items() if not v]} by "
-                 f"{ {k: round(v, 2) for k, v in short.items() if v > 0} }; re-pruning at {ratio + 0.05:.2f}")
-            ratio = round(ratio + 0.05, 4)
-        st.mark("prune", {"dir": "pruned", "ratio": ratio, "achieved_ratio": r.achieved_ratio,
-                          "params_after": r.params_after, "wall_s": r.timings["total_s"], "tries": tries})
+        st.mark("prune", _prune_at_plan(cfg, src, out, profile, plan, scored))
     return out / "pruned"
+
+
+def _plan_scored(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
+    """Score once, plan on the real allocation with measured quality, check the top two end to end; writes
+    ``plan.json`` (also when nothing fits) and returns the stage record and the scoring."""
+    from . import planner
+    from .models import load, load_tokenizer
+    from .planner.fit import shape_at
+    from .planner.quality import MeasuredQuality, confirm
+    from .prune import score
+
+    model, tok = load(src), load_tokenizer(src)
+    sc = score(model, tok, _prune_config(cfg, 0.5, profile), progress=False)
+    dense = planner.model_shape(model)
+    q = MeasuredQuality(sc, src, tok, profile.runtime, profile.quants_best_first(), seed=cfg.seed,
+                        threads=cfg.threads)
+    try:
+        try:
+            res = planner.plan(dense, profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct,
+                               shape_at=shape_at(sc, dense), quality=q)
+        except BudgetError as e:
+            r = getattr(e, "result", None)
+            if r is not None:
+                _write_json(out / "plan.json", {**r.to_dict(), "quality": q.describe()})
+            raise
+        check = confirm(res, q, profile) if profile.runtime == "llama.cpp" else None
+        _write_json(out / "plan.json", {**res.to_dict(), "quality": q.describe(), "check": check,
+                                        "table_text": planner.format_table(res)})
+    finally:
+        q.close()
+    print(planner.format_table(res))
+    _log(res.explanation)
+    c = res.chosen
+    return {"quant": c.quant, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio, "loss": c.loss,
+            "explanation": res.explanation, "why": res.why, "check": check}, sc
+
+
+def _prune_at_plan(cfg: RunConfig, src: Path, out: Path, profile, plan: dict, scored) -> dict:
+    """Prune at the plan's ratio; the real shapes must be the ones the plan priced (checked, logged)."""
+    from . import planner
+    from .prune import run_prune
+
+    r = run_prune(src, out / "pruned", _prune_config(cfg, plan["ratio"], profile), overwrite=True, progress=False,
+                  scored=scored)
+    p = planner.predict(str(out / "pruned"), plan["quant"], profile)
+    fits, short = planner.check(p, profile, cfg.margin_pct / 100)
+    if not all(fits.values()):   # cannot happen when the allocation is deterministic; never prune again
+        _log(f"warning: pruned shapes miss {[k for k, v in fits.items() if not v]} by "
+             f"{ {k: round(v, 2) for k, v in short.items() if v > 0} } (the plan predicted they fit)")
+    return {"dir": "pruned", "ratio": plan["ratio"], "achieved_ratio": r.achieved_ratio,
+            "params_after": r.params_after, "wall_s": r.timings["total_s"], "predicted_fits": fits}
 
 
 def _stage_finetune(st, cfg: RunConfig, model_dir: Path, out: Path) -> Path:
@@ -269,6 +304,11 @@ def _stage_export(st, cfg: RunConfig, model_dir: Path, out: Path, profile, fmt: 
                                 **_export_kwargs(fmt, plan["quant"], profile))
         st.mark("export", {"artifact": art.name, "summary": summ})
     return art
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json_text(obj))
 
 
 def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) -> dict:
@@ -338,7 +378,7 @@ def add_parsers(sub) -> None:
     s.add_argument("model")
     s.add_argument("--profile", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--method", default="flap")
+    s.add_argument("--method", default="obs", help="pruning method (default obs: OBS cost + least-squares refit)")
     s.add_argument("--allocation", default=None)
     s.add_argument("--finetune", default="none", help="none, groupwise or lora")
     s.add_argument("--finetune-minutes", type=float, default=2.0)

@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import __version__
-from .allocation import AllocOptions, check_allocation
+from .allocation import AllocOptions, allocate, check_allocation
 from .checkpoint import should_stream
 from .data import calibration_ids
 from .device import peak_rss_mb, place, resolve_device
-from .engine import EngineConfig, EngineResult, run
+from . import engine
+from .engine import EngineConfig, EngineResult, run, to_cpu_scores
 from .errors import EdgepruneError
 from .importance import Context, get_method
 from .layer_io import CheckpointSource, ResidentSink, ResidentSource, ShardSink
 from .models import check_model_dir, count_params, layer_shapes, load, load_tokenizer
 from .paths import check_output_dir
 from .result import PruneResult, jsonable
+
+
+DEFAULT_METHOD = "obs"   # `edgeprune prune` without --method: OBS importance + sequential lsq refit (its default)
 
 
 @dataclass
@@ -49,19 +54,29 @@ class PruneConfig:
 
     def repair_options(self):
         """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery.
-        ``--opt recon_target=dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
-        if self.reconstruct is None and not self.sequential:
+        ``reconstruct=None`` takes the method's ``default_reconstruct`` (``obs``: lsq). ``--opt
+        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        from .importance.base import REGISTRY
+
+        mode = self.reconstruct
+        if mode is None:
+            get_method(self.method)   # registers every method (and fails on an unknown one)
+            mode = REGISTRY[self.method].default_reconstruct
+        if mode is None and not self.sequential:
             return None
         from .repair import RepairOptions
 
-        mode = self.reconstruct or "none"
+        mode = mode or "none"
         seq = self.sequential if self.sequential is not None else mode in ("lsq", "obs")
         o = self.options
-        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "dense")),
+        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "resid")),
                              damp=float(o.get("recon_damp", 0.01)), intercept=_flag(o.get("recon_intercept", True)))
+    target: Any = None                   # planner.fit.FitTarget: prune to the least ratio that fits it (ratio unused)
 
     def validate(self) -> None:
-        if not (0.0 < self.ratio < 1.0):
+        if self.target is not None:
+            self.target.validate()
+        elif not (0.0 < self.ratio < 1.0):
             raise EdgepruneError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of non-embedding "
                                  "parameters to remove, e.g. 0.2")
         if self.multiple < 1:
@@ -87,6 +102,50 @@ class PruneConfig:
         if propagate == "pruned" and alloc == "self-pruner":
             raise EdgepruneError("--opt stream_propagate=pruned cannot be combined with the self-pruner allocation "
                                  "(its fitness needs the dense model); pick uniform, global or saap")
+        if self.target is not None and self.stream:
+            raise EdgepruneError("--target-mb prunes in memory (it allocates many times on one scoring); "
+                                 "drop --stream")
+        if self.target is not None and propagate == "pruned":
+            raise EdgepruneError("--target-mb scores once on the dense model; --opt stream_propagate=pruned "
+                                 "scores on the pruned layers' outputs: drop one of them")
+
+
+@dataclass
+class Scored:
+    """One scoring of a resident model by the engine (:func:`edgeprune.engine.score`), all that allocation needs
+    at any ratio (score once, allocate many); :func:`prune_model` applies one of its plans with the engine's
+    second pass (:func:`edgeprune.engine.apply`)."""
+
+    scores: Any
+    groups: list
+    allocation: str
+    opts: AllocOptions
+    ctx: Context
+    timings: dict
+
+    def plan_at(self, ratio: float):
+        """The method's own allocation at ``ratio`` (no re-scoring)."""
+        return allocate(self.allocation, self.scores, self.groups, replace(self.opts, ratio=ratio), self.ctx)
+
+
+def score(model, tokenizer, cfg: PruneConfig, progress: bool = True) -> Scored:
+    """Calibrate and score ``model`` (not modified) with the engine's first pass, and set up the allocation
+    options. A model on an accelerator is moved to the CPU afterwards (surgery and allocators run there)."""
+    method = get_method(cfg.method)
+    t0 = time.time()
+    source = ResidentSource(model)
+    ctx = _context(cfg, tokenizer, model)
+    ctx.calib_ids = ctx.calib_ids.to(source.device)
+    ctx.progress = progress
+    ecfg = engine_config(cfg, method, len(source.groups()), count_params(model)[1], progress)
+    t1 = time.time()
+    scores = engine.score(method, model, ctx)
+    ctx.progress = False
+    to_cpu_scores(scores)
+    source.prepare_surgery()
+    ctx.calib_ids = ctx.calib_ids.cpu()
+    return Scored(scores, source.groups(), ecfg.allocation, ecfg.alloc, ctx,
+                  {"calib_s": round(t1 - t0, 2), "score_s": round(time.time() - t1, 2)})
 
 
 def _flag(v) -> bool:
@@ -143,24 +202,53 @@ def _context(cfg: PruneConfig, tokenizer, model) -> Context:
     return Context(model=model, calib_ids=ids, seed=cfg.seed, options=options, progress=False)
 
 
-def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True, sink=None):
+def prune_model(model, tokenizer, cfg: PruneConfig, progress: bool = True, sink=None, scored: Scored | None = None):
     """Prune a resident ``model`` in place with the engine; returns (plan, scores, info). No I/O besides reading
-    the calibration text (and ``sink``'s writes, if one is given)."""
+    the calibration text (and ``sink``'s writes, if one is given).
+
+    With ``cfg.target`` (a :class:`~edgeprune.planner.fit.FitTarget`) the ratio is the least whose real shapes
+    fit the target, found by bisection on one scoring (``info["ratio"]``, ``info["fit"]``). ``scored``: a
+    scoring of this same model already made (by the planner), used instead of scoring again."""
+    res, info = _prune_resident(model, tokenizer, cfg, progress, sink or ResidentSink(None, None), scored)
+    return res.plan, res.scores, info
+
+
+def _prune_resident(model, tokenizer, cfg: PruneConfig, progress: bool, sink, scored: Scored | None = None):
+    """(engine result, info): the engine's loop (:func:`edgeprune.engine.run`), or, for a given scoring or a fit
+    target, its first pass once (:func:`score`), the allocation at the chosen ratio and its second pass
+    (:func:`edgeprune.engine.apply`)."""
     cfg.validate()
     method = get_method(cfg.method)
     t0 = time.time()
     source = ResidentSource(model)
-    ctx = _context(cfg, tokenizer, model)
-    ctx.calib_ids = ctx.calib_ids.to(source.device)
-    ecfg = engine_config(cfg, method, len(source.groups()), count_params(model)[1], progress)
-    t1 = time.time()
-    res = run(source, sink or ResidentSink(None, None), method, ctx, ecfg)
-    return res.plan, res.scores, _info(ecfg, res, t1 - t0)
+    n, nonemb = len(source.groups()), count_params(model)[1]
+    if scored is None and cfg.target is None:
+        ctx = _context(cfg, tokenizer, model)
+        ctx.calib_ids = ctx.calib_ids.to(source.device)
+        ecfg = engine_config(cfg, method, n, nonemb, progress)
+        t1 = time.time()
+        res = run(source, sink, method, ctx, ecfg)
+        return res, _info(ecfg, res, t1 - t0, cfg.ratio)
+    sc = scored or score(model, tokenizer, cfg, progress)
+    t2 = time.time()
+    ratio, fit = cfg.ratio, None
+    if cfg.target is not None:
+        from .planner import model_shape
+        from .planner.fit import choose_ratio
+
+        ratio = choose_ratio(cfg.target, sc, model_shape(model))
+        fit = {**cfg.target.describe(), "ratio": ratio}
+    plan = sc.plan_at(ratio)
+    ecfg = engine_config(replace(cfg, ratio=ratio), method, n, nonemb, progress)
+    engine.apply(ResidentSource(model), sink, plan, sc.ctx, ecfg, sc.scores.bias_means)
+    res = EngineResult(plan, sc.scores, 2, {"score_s": sc.timings["score_s"],
+                                            "allocate_apply_s": round(time.time() - t2, 2)})
+    return res, _info(ecfg, res, sc.timings["calib_s"], ratio, fit)
 
 
-def _info(ecfg: EngineConfig, res: EngineResult, calib_s: float) -> dict:
-    info = {"allocation": ecfg.allocation, "skip": [ecfg.alloc.skip_first, ecfg.alloc.skip_last],
-            "scores_info": res.scores.info, "timings": {"calib_s": round(calib_s, 2), **res.timings},
+def _info(ecfg: EngineConfig, res: EngineResult, calib_s: float, ratio: float, fit: dict | None = None) -> dict:
+    info = {"allocation": ecfg.allocation, "skip": [ecfg.alloc.skip_first, ecfg.alloc.skip_last], "ratio": ratio,
+            "fit": fit, "scores_info": res.scores.info, "timings": {"calib_s": round(calib_s, 2), **res.timings},
             "plan_meta": dict(res.plan.meta), "passes": res.passes}
     if ecfg.stage is not None:
         info["reconstruction"] = ecfg.stage.record()
@@ -178,14 +266,18 @@ def _streamed(model_path, cfg: PruneConfig, method, progress: bool):
 
 
 def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwrite: bool = False,
-              progress: bool = True) -> PruneResult:
+              progress: bool = True, scored: Scored | None = None) -> PruneResult:
     """Prune the model at ``model_path`` into ``out``: in memory, or streamed layer by layer (``cfg.stream``;
-    automatic when the weights would not fit and the allocation can stream)."""
+    automatic when the weights would not fit and the allocation can stream). ``scored``: the planner's scoring
+    of that model, loaded with its defaults (``scored.ctx.model`` is pruned in place instead of loading and
+    scoring again); ``cfg.target`` (``--target-mb``) also prunes in memory on one scoring."""
     cfg.validate()   # an unknown method, option or allocation fails here, before anything is read
     out = check_output_dir(out, overwrite, inputs=(model_path,))  # and an unusable --out
     check_model_dir(model_path)   # the one model validator (config table, dtypes, finite weights), before work
     method = get_method(cfg.method)
     stream = cfg.stream
+    if cfg.target is not None or scored is not None:   # one scoring allocated at a chosen ratio: in memory
+        stream = False
     if stream is None:
         stream = (cfg.allocation or method.default_allocation) != "self-pruner" and should_stream(model_path)
     t0 = time.time()
@@ -193,18 +285,18 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
         source, ctx, ecfg = _streamed(model_path, cfg, method, progress)
         sink = ShardSink(out, source, model_path)
     else:
-        model = place(load(model_path), cfg.device, cfg.device_map)
+        model = scored.ctx.model if scored is not None else place(load(model_path), cfg.device, cfg.device_map)
         source = ResidentSource(model)
-        ctx = _context(cfg, load_tokenizer(model_path), model)
-        ctx.calib_ids = ctx.calib_ids.to(source.device)
-        ecfg = engine_config(cfg, method, len(source.groups()), count_params(model)[1], progress)
         sink = ResidentSink(out, model_path)
     dense_groups, (total_b, nonemb_b) = source.groups(), count_params(source.model)
     t1 = time.time()
     try:
         with sink:
-            res = run(source, sink, method, ctx, ecfg)
-            info = _info(ecfg, res, t1 - t0)
+            if stream:
+                res = run(source, sink, method, ctx, ecfg)
+                info = _info(ecfg, res, t1 - t0, cfg.ratio)
+            else:
+                res, info = _prune_resident(source.model, load_tokenizer(model_path), cfg, progress, sink, scored)
             result = _result(cfg, out, source, dense_groups, (total_b, nonemb_b), info, res.plan, t0)
             prov = _provenance(cfg, model_path, result, info, res, source)
             rep = jsonable(asdict(result))
@@ -219,7 +311,7 @@ def run_prune(model_path: str | Path, out: str | Path, cfg: PruneConfig, overwri
 def _result(cfg: PruneConfig, out, source, dense_groups, before: tuple[int, int], info: dict, plan, t0: float):
     total_b, nonemb_b = before
     total_a, nonemb_a = count_params(source.model)
-    return PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=cfg.ratio,
+    return PruneResult(out=str(out), method=cfg.method, allocation=info["allocation"], target_ratio=info["ratio"],
                        achieved_ratio=1 - nonemb_a / nonemb_b, params_before=total_b, params_after=total_a,
                        nonemb_before=nonemb_b, nonemb_after=nonemb_a,
                        per_layer=per_layer_report(dense_groups, layer_shapes(source.model), plan),
@@ -239,7 +331,8 @@ def per_layer_report(dense_groups, after, plan) -> list[dict]:
 def _provenance(cfg: PruneConfig, model_path, result: PruneResult, info: dict, res: EngineResult, source) -> dict:
     prov = {
         "edgeprune_version": __version__, "source_model": str(Path(model_path).resolve()), "method": cfg.method,
-        "allocation": info["allocation"], "target_ratio": cfg.ratio, "achieved_ratio": round(result.achieved_ratio, 6),
+        "allocation": info["allocation"], "target_ratio": info["ratio"], "fit": info["fit"],
+        "achieved_ratio": round(result.achieved_ratio, 6),
         "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
         "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,
         "scores_info": jsonable(info["scores_info"]),

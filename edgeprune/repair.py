@@ -9,13 +9,21 @@ For layer ``l`` with kept KV groups ``K`` and MLP channels ``C`` (:class:`~edgep
    and ``down_proj`` is refitted on the kept channels; gate/up rows and down columns are cut.
 
 **Sequential calibration** (SparseGPT, arXiv 2301.00774; ZipLM, arXiv 2302.04089): with ``sequential`` the
-layer's inputs are the outputs of the already pruned and repaired layers ``0..l−1`` (the *pruned stream*), and
-the target is the **dense model's** projection output ``W X_dense`` on the dense stream — the refit then also
-absorbs the error the earlier layers left in its inputs (``target='dense'``); ``target='self'`` fits
-``W X`` on the pruned stream instead (SparseGPT's choice). Without ``sequential`` both are the dense stream
-(every layer is repaired on dense activations, like FLAP's bias compensation). Both streams' hidden states are
-kept (``2·N·L·H`` floats); projection inputs are never stored, only the Gram statistics
-(:class:`~edgeprune.reconstruct.Gram`), so the dense layer runs once per stage next to the pruned one.
+layer's inputs are the outputs of the already pruned and repaired layers ``0..l−1`` (the *pruned stream*) while
+the dense model runs alongside on its own inputs (the *dense stream*). ``target`` says what the refit aims at:
+
+* ``self`` — ``W X`` on the pruned stream (SparseGPT's choice: keep what this layer computes from its inputs);
+* ``dense`` — the dense model's projection output ``W X_dense`` (the refit also absorbs the error the earlier
+  layers left in this projection's inputs);
+* ``resid`` (default) — ``W X_dense + (h_dense − h)``, where ``h`` is the residual stream the projection's
+  output is added to (the layer input for ``o_proj``, the post-attention residual for ``down_proj``): the refit
+  also pulls the residual stream itself back toward the dense model's [R: our extension; measured in
+  benchmarks/quality.md].
+
+Without ``sequential`` every layer is repaired on the dense stream (like FLAP's bias compensation). Both
+streams' hidden states are kept (``2·N·L·H`` floats); projection inputs are never stored, only the Gram
+statistics (:class:`~edgeprune.reconstruct.Gram`), so the dense layer (a copy kept while the layer is repaired)
+runs next to the pruned one in each stage.
 """
 from __future__ import annotations
 
@@ -27,17 +35,17 @@ from .groups import LayerGroups, kv_index, q_index
 from .reconstruct import DAMP, MODES, Gram, reconstruct
 from .surgery import take_linear
 
-TARGETS = ("dense", "self")
+TARGETS = ("resid", "dense", "self")
 
 
 @dataclass
 class RepairOptions:
-    """``mode`` in none|bias|lsq|obs; ``sequential`` calibration; ``target`` dense|self; damping and whether
+    """``mode`` in none|bias|lsq|obs; ``sequential`` calibration; ``target`` resid|dense|self; damping and whether
     the refit may add an output bias (``intercept``)."""
 
     mode: str = "lsq"
     sequential: bool = True
-    target: str = "dense"
+    target: str = "resid"
     damp: float = DAMP
     intercept: bool = True
 
@@ -47,7 +55,7 @@ class RepairOptions:
         if self.mode not in MODES:
             raise EdgepruneError(f"--reconstruct {self.mode}: use one of {', '.join(MODES)}")
         if self.target not in TARGETS:
-            raise EdgepruneError(f"--opt recon_target={self.target}: use dense or self")
+            raise EdgepruneError(f"--opt recon_target={self.target}: use resid, dense or self")
         if not (0.0 <= self.damp < 1e6):
             raise EdgepruneError(f"--opt recon_damp={self.damp}: use a damping >= 0 (relative to mean(diag H)), "
                                  "e.g. 0.01")
@@ -69,26 +77,33 @@ def _forward(layer, hs, kwargs):
     return [layer_forward(layer, h, kwargs) for h in hs]
 
 
-def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dense=None) -> Gram:
-    """Gram statistics of ``proj``'s inputs over ``hs`` (through ``layer``); with ``dense`` (the dense layer) and
-    ``hs_dense``, the dense projection inputs on the dense stream are the target inputs, batch by batch."""
+def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dense=None, resid=None) -> Gram:
+    """Gram statistics of ``proj``'s inputs over ``hs`` (through ``layer``). With ``dense`` (the dense layer) and
+    ``hs_dense``, the dense projection inputs on the dense stream are the target inputs, batch by batch; with
+    ``resid`` also the residual-stream error ``h_dense − h`` at the projection's output, which the refit then
+    absorbs: ``resid = "input"`` for o_proj (the layer's input hidden states), or a function giving the module
+    whose input is that residual stream (``post_attention_layernorm`` for down_proj)."""
     from .calibrate import layer_forward
 
     g, cur = Gram(), {}
-    mod = proj(layer)
-    h1 = mod.register_forward_pre_hook(lambda _m, args: cur.__setitem__("x", args[0].detach()))
-    h2 = proj(dense).register_forward_pre_hook(lambda _m, args: cur.__setitem__("t", args[0].detach())) \
-        if dense is not None else None
+    pre = lambda key: (lambda _m, args: cur.__setitem__(key, args[0].detach()))
+    hooks = [proj(layer).register_forward_pre_hook(pre("x"))]
+    if dense is not None:
+        hooks.append(proj(dense).register_forward_pre_hook(pre("t")))
+        if callable(resid):
+            hooks += [resid(layer).register_forward_pre_hook(pre("h")),
+                      resid(dense).register_forward_pre_hook(pre("hd"))]
     try:
         for b, h in enumerate(hs):
             layer_forward(layer, h, kwargs)
+            r = None
             if dense is not None:
                 layer_forward(dense, hs_dense[b], kwargs)
-            g.update(cur["x"], cur.get("t"))
+                r = (hs_dense[b] - h) if resid == "input" else (cur["hd"] - cur["h"]) if callable(resid) else None
+            g.update(cur["x"], cur.get("t"), r)
     finally:
-        h1.remove()
-        if h2 is not None:
-            h2.remove()
+        for hd in hooks:
+            hd.remove()
     return g
 
 
@@ -109,7 +124,8 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
     a, m = layer.self_attn, layer.mlp
     if kv.numel() != lg.n_kv:
         qi, ki = q_index(lg, kv), kv_index(lg, kv)
-        g = _gram(layer, lambda l: l.self_attn.o_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
+        g = _gram(layer, lambda l: l.self_attn.o_proj, hs, kwargs, dense, hs_dense,
+                  "input" if opts.target == "resid" else None) if opts.mode != "none" else Gram()
         r = reconstruct(a.o_proj.weight.data, g, qi, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") \
             if opts.mode != "none" else None
         a.q_proj, a.k_proj, a.v_proj = take_linear(a.q_proj, rows=qi), take_linear(a.k_proj, rows=ki), take_linear(a.v_proj, rows=ki)
@@ -119,7 +135,9 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
             rep.modes["o_proj"], rep.errors["o_proj"], rep.errors_none["o_proj"] = r.mode, r.error, r.error_none
         del g
     if ch.numel() != lg.n_mlp:
-        g = _gram(layer, lambda l: l.mlp.down_proj, hs, kwargs, dense, hs_dense) if opts.mode != "none" else Gram()
+        g = _gram(layer, lambda l: l.mlp.down_proj, hs, kwargs, dense, hs_dense,
+                  (lambda l: l.post_attention_layernorm) if opts.target == "resid" else None) \
+            if opts.mode != "none" else Gram()
         r = reconstruct(m.down_proj.weight.data, g, ch, opts.mode, opts.damp, opts.intercept, f"layer {i} down_proj") \
             if opts.mode != "none" else None
         m.gate_proj, m.up_proj = take_linear(m.gate_proj, rows=ch), take_linear(m.up_proj, rows=ch)
@@ -142,7 +160,7 @@ def _set_heads(a, lg: LayerGroups, n_kv: int) -> None:
 @dataclass
 class Streams:
     """Calibration hidden states entering the current layer: ``hs`` (the pruned stream, or the dense one when
-    not sequential), ``hs_dense`` (the dense stream, only for ``target='dense'``) and the layers' keyword
+    not sequential), ``hs_dense`` (the dense stream, for the ``dense`` and ``resid`` targets) and the layers' keyword
     arguments (rotary embeddings, mask)."""
 
     hs: list
@@ -151,7 +169,7 @@ class Streams:
 
     @classmethod
     def start(cls, hs: list, kwargs: dict, opts: RepairOptions) -> "Streams":
-        dense = [h.clone() for h in hs] if opts.sequential and opts.target == "dense" else None
+        dense = [h.clone() for h in hs] if opts.sequential and opts.target != "self" else None
         return cls(list(hs), kwargs, dense)
 
 

@@ -60,6 +60,40 @@ def _plots(out: Path, per_layer: list[dict], dense_layers: list[dict], pred: dic
     return files
 
 
+def _frontier(out: Path, plan: dict) -> bool:
+    """Predicted quality loss vs predicted peak memory for every candidate of the plan (filled: feasible,
+    hollow: misses a budget), one colour per quant, the chosen one starred, the memory budget dashed."""
+    rows = plan.get("table") or []
+    if not rows or all(r.get("loss_pct") is None for r in rows):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, q in enumerate(dict.fromkeys(r["quant"] for r in rows)):
+        pts = [r for r in rows if r["quant"] == q and r.get("loss_pct") is not None]
+        col = f"C{i}"
+        for feas in (True, False):
+            sel = [r for r in pts if r["feasible"] == feas]
+            ax.scatter([r["prediction"]["peak_rss_mb"] for r in sel], [r["loss_pct"] for r in sel], s=22,
+                       facecolors=col if feas else "none", edgecolors=col,
+                       label=f"{q} ({'fits' if feas else 'misses a budget'})")
+    ch = plan.get("chosen")
+    if ch:
+        ax.scatter([ch["prediction"]["peak_rss_mb"]], [ch["loss_pct"]], marker="*", s=220, c="k", zorder=5,
+                   label=f"chosen: {ch['quant']} at {ch['ratio']:.3f}")
+    mem = (plan.get("budgets") or {}).get("max_memory_mb")
+    if mem:
+        ax.axvline(mem, color="r", ls="--", lw=1, label=f"memory budget {mem:g} MB")
+    ax.set_xlabel("predicted peak memory (MB)"), ax.set_ylabel(f"predicted quality loss (% ppl, {plan.get('quality_basis')})")
+    ax.set_title("Candidates: quality loss vs memory")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout(), _savefig(fig, out / "frontier.png"), plt.close(fig)
+    return True
+
+
 def _savefig(fig, path: Path) -> None:
     """PNG written to a temp sibling and renamed (a killed run never leaves a half-written plot)."""
     from .paths import atomic_file
@@ -100,7 +134,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
     p = planner.predict(str(final_dir), plan["quant"], profile, n_ctx=ctx, kv_tokens=m.get("kv_tokens"),
                         n_prompt=m.get("prompt"))
     predicted = {k: getattr(p, k) for k in KEYS} | {"decode_ms": p.decode_ms, "basis": "projected"}
-    on_host = profile.name in ("host",) or getattr(profile, "base", None) == "host" or "host" in str(
+    on_host = getattr(profile, "is_host", False) or profile.name in ("host",) or "host" in str(
         getattr(profile, "sources", {}).get("peak_bandwidth_gbps", ""))
     judged = measured if on_host else predicted
     b = profile.budgets
@@ -118,6 +152,14 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
            "calibration": stages.get("calibrate", {}).get("calibration"), "per_layer": per_layer}
     plots = _plots(out, per_layer, dense_layers, predicted, measured, {"max_memory_mb": b.max_memory_mb,
                    "max_decode_ms_per_token": b.max_decode_ms_per_token}, quality)
+    plan_json = out / "plan.json"
+    if plan_json.exists():
+        pj = json.loads(plan_json.read_text())
+        rep["plan_why"], rep["plan_check"] = pj.get("why"), pj.get("check")
+        rep["plan_table"] = pj.get("table_text")
+        rep["quality_basis"] = pj.get("quality_basis")
+        if _frontier(out, pj):
+            plots.append("frontier.png")
     rep["plots"] = plots
     with atomic_file(out / "report.json") as tmp:
         tmp.write_text(json_text(rep))
@@ -143,14 +185,25 @@ def _verdicts(judged: dict, quality: dict, profile) -> dict:
 def _markdown(r: dict, profile) -> str:
     L = [f"# edgeprune report: {Path(r['model']).name} on {r['profile']}", "",
          f"Runtime {r['runtime']}, artifact `{r['artifact']}`. Plan: {r['plan']['explanation']}", ""]
+    if r.get("plan_why"):
+        L += [f"Why this candidate: {r['plan_why']}", ""]
+    chk = r.get("plan_check") or {}
+    for c in chk.get("candidates", []):
+        L.append(f"- check ({chk.get('protocol')}): {c['quant']} at ratio {c['ratio']:.3f}: predicted "
+                 f"Δ ln ppl {c['predicted']:+.4f}, measured {c['measured']:+.4f}")
+    if chk:
+        L.append("")
+    if r.get("plan_table"):
+        L += ["## Plan (every candidate, predicted)", "", "```", r["plan_table"], "```", ""]
     if r.get("prune"):
         L.append(f"Pruned: achieved {r['prune']['achieved_ratio']:.2%} of non-embedding parameters removed, "
                  f"{r['prune']['params_after']:,} parameters.")
     if r.get("finetune"):
         L.append(f"Recovered with {r['finetune']['strategy']} fine-tuning.")
-    L += ["", "## Verdicts", "", "| budget | limit | value | basis | verdict |", "|---|---|---|---|---|"]
+    L += ["", "## Verdicts", "", "| budget | limit | value | basis | headroom | verdict |", "|---|---|---|---|---|---|"]
     for k, v in r["verdicts"].items():
-        L.append(f"| {k} | {v['budget']} | {v['value']} | {v['basis']} | **{v['verdict']}** |")
+        L.append(f"| {k} | {v['budget']} | {v['value']} | {v['basis']} | {v.get('headroom_pct', 0):+.1f}% | "
+                 f"**{v['verdict']}** |")
     L += ["", "## Predicted vs measured (host)", "", "| figure | predicted | measured | error |", "|---|---|---|---|"]
     for k in KEYS:
         L.append(f"| {k} | {r['predicted'][k]:.2f} | {r['measured'][k]:.2f} | {r['prediction_error_pct'].get(k, 0):+.1f}% |")

@@ -26,9 +26,10 @@ from .paths import atomic_file, json_text
 STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report")
 # RunConfig fields each stage depends on (beyond the model, profile and code, which the first stage covers)
 STAGE_OPTIONS = {
-    "calibrate": ("format", "threads", "calibrate_host"),
-    "plan": ("mlp_multiple", "margin_pct"),
-    "prune": ("method", "allocation", "calib_samples", "seed"),
+    "calibrate": ("format", "threads", "calibrate_host", "max_context"),
+    # the plan scores the model with the method (candidates from its real allocation), so it depends on all of these
+    "plan": ("mlp_multiple", "margin_pct", "method", "allocation", "calib_samples", "seed"),
+    "prune": (),
     "finetune": ("finetune", "finetune_minutes", "seed"),
     "export": (),
     "verify": ("ppl_chunks", "threads"),

@@ -113,7 +113,10 @@ class LlamaCppRuntime(Runtime):
             cp = type(self.llm.context_params).from_buffer_copy(self.llm.context_params)
             cp.n_ctx = cp.n_batch = cp.n_ubatch = b * t
             cp.n_seq_max, cp.kv_unified = b, False
-            self._bctx = _internals.LlamaContext(model=self.llm._model, params=cp, verbose=False)
+            from llama_cpp._utils import suppress_stdout_stderr
+
+            with suppress_stdout_stderr(disable=False):   # llama.cpp logs the context's sizing on stderr
+                self._bctx = _internals.LlamaContext(model=self.llm._model, params=cp, verbose=False)
             self._bbatch = _internals.LlamaBatch(n_tokens=b * t, embd=0, n_seq_max=b, verbose=False)
             self._bshape = (b, t)
         self._bbatch.reset()

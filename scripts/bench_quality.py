@@ -1,11 +1,18 @@
 #!/usr/bin/env python
-"""Quality benchmark: prune the reference model with every method × allocation at 20% and 50% and evaluate.
+"""Quality benchmark: prune the reference model with every method × allocation × reconstruction at 20% and 50%
+and evaluate.
 
 Each configuration runs ``edgeprune prune`` and ``edgeprune eval`` as separate processes (peak RSS is the
-prune process's ``ru_maxrss``). Results are cached per configuration in the JSON, so an interrupted run resumes.
-Writes ``benchmarks/quality.json`` and ``benchmarks/quality.md``.
+prune process's ``ru_maxrss``). Results are cached per configuration in the JSON (written after every row), so an
+interrupted run resumes. Writes ``benchmarks/quality.json`` and ``benchmarks/quality.md``.
 
-    python scripts/bench_quality.py [--ratios 0.2,0.5] [--configs flap:global,...] [--zs-limit 200]
+A configuration is ``method[:allocation[:reconstruct]]`` (empty allocation: the method's own; reconstruct
+``none|bias|lsq|obs``, ``default``: the method's own repair); ``--recons`` crosses every configuration without
+an explicit reconstruct with that list. ``--recovery method:ratio:reconstruct:minutes`` rows prune, run the
+group-wise fine-tune (``edgeprune finetune --strategy groupwise --data gutenberg``) and evaluate the result.
+
+    python scripts/bench_quality.py [--ratios 0.2,0.5] [--configs flap:global,obs] [--recons none,bias,lsq]
+    python scripts/bench_quality.py --recovery obs:0.5:lsq:10 --zs-limit 0
 """
 from __future__ import annotations
 
@@ -78,6 +85,10 @@ def main() -> None:
     ap.add_argument("--max-chunks", type=int, default=None, help="first N 128-token chunks of each ppl text")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality"))
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
+    ap.add_argument("--recons", default="", help="comma list of reconstruct modes crossed with every config")
+    ap.add_argument("--recovery", default="", help="comma list of method:ratio:reconstruct:minutes recovery rows")
+    ap.add_argument("--ppl", default=",".join(PPL_SETS), help="perplexity texts (default: all three, whole)")
+    ap.add_argument("--no-dense", action="store_true", help="do not evaluate the dense row here (merge it later)")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result JSONs into --out and render")
     a = ap.parse_args()
     if a.merge:
@@ -90,7 +101,8 @@ def main() -> None:
         return
     ref = str(reference_model_dir())
     ratios = [float(r) for r in a.ratios.split(",")]
-    configs = [(c.split(":")[0], c.split(":")[1] if ":" in c else None) for c in a.configs.split(",") if c] or CONFIGS
+    PPL_SETS[:] = [x for x in a.ppl.split(",") if x]
+    configs = _configs(a)
     jpath = Path(a.out + ".json")
     res = {} if a.fresh or not jpath.exists() else json.loads(jpath.read_text())
     res.setdefault("rows", {})
@@ -110,38 +122,79 @@ def main() -> None:
         jpath.write_text(json.dumps(res, indent=2) + "\n")
         Path(a.out + ".md").write_text(render(res))
 
-    if "dense" not in res["rows"]:
+    if "dense" not in res["rows"] and not a.no_dense:
         print("evaluating dense", flush=True)
         res["rows"]["dense"] = {"method": "dense", "allocation": "-", "ratio": 0.0, **evaluate(ref, a.zs_limit, a.max_chunks)}
         save()
     with tempfile.TemporaryDirectory() as td:
         for ratio in ratios:
-            for method, alloc in configs:
-                key = f"{method}:{alloc or 'default'}@{ratio}"
+            for method, alloc, recon in configs:
+                key = f"{method}:{alloc or 'default'}:{recon or 'default'}@{ratio}"
                 if key in res["rows"]:
                     continue
                 print(f"running {key}", flush=True)
-                out = f"{td}/{method}-{alloc}-{ratio}"
-                cmd = [sys.executable, "-m", "edgeprune.cli", "prune", ref, "--method", method, "--ratio", str(ratio),
-                       "--out", out, "--quiet", "--calib-samples", str(a.calib_samples)]
-                if alloc:
-                    cmd += ["--allocation", alloc]
-                try:
-                    wall, rss, _ = run(cmd)
-                except RuntimeError as e:
-                    print(f"  skipped: {e}", flush=True)
-                    continue
-                rep = json.loads(Path(out, "prune_report.json").read_text())
-                row = {"method": method, "allocation": rep["allocation"], "ratio": ratio,
-                       "achieved_ratio": rep["achieved_ratio"], "nonemb_after": rep["nonemb_after"],
-                       "params_after": rep["params_after"], "prune_wall_s": round(wall, 1),
-                       "score_s": rep["timings"].get("score_s"), "prune_peak_rss_mb": round(rss, 1),
-                       "kept_per_layer": [(r["num_key_value_heads"], r["intermediate_size"]) for r in rep["per_layer"]],
-                       **evaluate(out, a.zs_limit, a.max_chunks)}
-                res["rows"][key] = row
-                save()
+                row = prune_row(td, ref, method, alloc, recon, ratio, a)
+                if row is not None:
+                    res["rows"][key] = {**row, **evaluate(row.pop("dir"), a.zs_limit, a.max_chunks)}
+                    save()
+        for spec in [x for x in a.recovery.split(",") if x]:
+            method, ratio, recon, minutes = spec.split(":")
+            key = f"{method}:default:{recon}@{float(ratio)}+groupwise{minutes}"
+            if key in res["rows"]:
+                continue
+            print(f"running {key}", flush=True)
+            row = prune_row(td, ref, method, None, recon, float(ratio), a)
+            if row is None:
+                continue
+            tuned = f"{row['dir']}-ft"
+            cmd = [sys.executable, "-m", "edgeprune.cli", "finetune", row["dir"], "--data", "gutenberg", "--strategy",
+                   "groupwise", "--minutes", minutes, "--lr", "3e-3", "--out", tuned, "--quiet", "--threads", "1"]
+            wall, _, _ = run(cmd)
+            row.pop("dir")
+            res["rows"][key] = {**row, "recovery": f"groupwise {minutes} min (gutenberg, lr 3e-3, teacher auto)",
+                                "finetune_wall_s": round(wall, 1), **evaluate(tuned, a.zs_limit, a.max_chunks)}
+            save()
     save()
     print(render(res))
+
+
+def _configs(a) -> list[tuple[str, str | None, str | None]]:
+    """(method, allocation or None, reconstruct or None) from ``--configs`` × ``--recons``."""
+    base = [c.split(":") for c in a.configs.split(",") if c] or [[m, al or ""] for m, al in CONFIGS]
+    recons = [r for r in a.recons.split(",") if r]
+    out = []
+    for parts in base:
+        method, alloc = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+        rs = [parts[2]] if len(parts) > 2 else (recons or ["default"])
+        out += [(method, alloc, None if r == "default" else r) for r in rs]
+    return out
+
+
+def prune_row(td: str, ref: str, method: str, alloc: str | None, recon: str | None, ratio: float, a) -> dict | None:
+    """Run ``edgeprune prune`` for one configuration; the row's prune figures and its output ``dir``."""
+    out = f"{td}/{method}-{alloc}-{recon}-{ratio}"
+    cmd = [sys.executable, "-m", "edgeprune.cli", "prune", ref, "--method", method, "--ratio", str(ratio),
+           "--out", out, "--quiet", "--calib-samples", str(a.calib_samples), "--overwrite"]
+    if alloc:
+        cmd += ["--allocation", alloc]
+    if recon:
+        cmd += ["--reconstruct", recon]
+    try:
+        wall, rss, _ = run(cmd)
+    except RuntimeError as e:
+        print(f"  skipped: {e}", flush=True)
+        return None
+    rep = json.loads(Path(out, "prune_report.json").read_text())
+    prov = json.loads(Path(out, "config.json").read_text())["pruning"]["provenance"]
+    rc = prov.get("reconstruction", {})
+    return {"method": method, "allocation": rep["allocation"], "ratio": ratio,
+            "reconstruct": rc.get("mode", "method default") if rc.get("mode") != "method default" else
+            ("bias (FLAP)" if prov.get("bias_compensation") else "none"),
+            "sequential": rc.get("sequential"), "achieved_ratio": rep["achieved_ratio"],
+            "nonemb_after": rep["nonemb_after"], "params_after": rep["params_after"], "prune_wall_s": round(wall, 1),
+            "score_s": rep["timings"].get("score_s"), "prune_peak_rss_mb": round(rss, 1),
+            "kept_per_layer": [(r["num_key_value_heads"], r["intermediate_size"]) for r in rep["per_layer"]],
+            "command": " ".join(["edgeprune"] + cmd[3:]).replace(td + "/", "$WORK/"), "dir": out}
 
 
 def dense_params() -> int:
@@ -162,18 +215,19 @@ def render(res: dict) -> str:
              *[f"Protocol ({k}): {v}  " for k, v in res["protocol"].items()], "",
              "ppl columns give the value and, in parentheses, the ratio to the dense model (lower is better). "
              "Zero-shot is the average accuracy over six tasks. Wall time and peak RSS are the prune process's.", "",
-             "| method | allocation | target | achieved | params | WikiText-2 | PTB | held-back (in-domain) | zero-shot avg "
-             "| prune wall s | scoring s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | allocation | reconstruct | target | achieved | params | WikiText-2 | PTB | held-back (in-domain) "
+             "| zero-shot avg | prune wall s | scoring s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, s):
         v = r.get(f"ppl.{s}.seq128")
         return "–" if v is None else (f"{v:.1f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
 
-    order = sorted(rows.values(), key=lambda r: (r["ratio"], r["method"] != "dense", r["method"], r["allocation"]))
+    order = sorted(rows.values(), key=lambda r: (r["ratio"], r["method"] != "dense", r["method"], r["allocation"],
+                                                 _recon(r)))
     for r in order:
         zs = r.get("zeroshot.average")
-        lines.append(f"| {r['method']} | {r['allocation']} | {r['ratio']:.0%} | {r.get('achieved_ratio', 0):.1%} | "
+        lines.append(f"| {r['method']} | {r['allocation']} | {_recon(r)} | {r['ratio']:.0%} | {r.get('achieved_ratio', 0):.1%} | "
                      f"{r.get('params_after', 0):,} | {cell(r, 'wikitext2')} | "
                      f"{cell(r, 'ptb')} | {cell(r, 'heldout')} | "
                      f"{'–' if zs is None else f'{zs:.3f}'}{'' if zs is None or zs_d is None or r is dense else f' ({zs - zs_d:+.3f})'} | "
@@ -181,12 +235,22 @@ def render(res: dict) -> str:
     lines += ["", "Kept (KV groups, MLP channels) per layer:", ""]
     for r in order:
         if "kept_per_layer" in r:
-            lines.append(f"- {r['method']} / {r['allocation']} @ {r['ratio']:.0%}: "
+            lines.append(f"- {r['method']} / {r['allocation']} / {_recon(r)} @ {r['ratio']:.0%}: "
                          + " ".join(f"{k}/{m}" for k, m in r["kept_per_layer"]))
+    cmds = [f"- {r['method']} / {_recon(r)} @ {r['ratio']:.0%}: `{r['command']}`" for r in order if "command" in r]
+    if cmds:
+        lines += ["", "Prune commands ($WORK: a temporary folder; every row is then evaluated with "
+                  f"`edgeprune eval $WORK/... --ppl {','.join(PPL_SETS)}`):", "", *cmds]
     analysis = ROOT / "benchmarks" / "quality_analysis.md"
     if analysis.exists():
         lines += ["", analysis.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+def _recon(r: dict) -> str:
+    rc = r.get("reconstruct", "-" if r["method"] == "dense" else "method default (before #13)")
+    rc = f"{rc}{' seq' if r.get('sequential') else ''}"
+    return rc + (f" + {r['recovery']}" if r.get("recovery") else "")
 
 
 if __name__ == "__main__":

@@ -295,3 +295,34 @@ def test_least_ratio_bisection():
     assert P.least_ratio(fits, 0.7) == 0.375 and len(calls) < 12
     assert P.least_ratio(lambda r: r >= 0.0, 0.7) == 0.0
     assert P.least_ratio(lambda r: False, 0.7) is None
+
+
+def test_real_allocation_plan_is_stable_under_simulated_load(one_thread, tmp_path, monkeypatch):
+    """One scoring, the method's real allocation; host calibrations measured quiet and on a loaded machine (2x and
+    3x the per-token times, same memory) give the same demo-tiny-budget plan, and its least ratio's real shapes
+    fit while one step less does not."""
+    from edgeprune.models import load, load_tokenizer
+    from edgeprune.planner.fit import shape_at
+    from edgeprune.prune import PruneConfig, score
+
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    model = load(REF)
+    sc = score(model, load_tokenizer(REF), PruneConfig("flap", 0.5, calib_samples=16, multiple=32), progress=False)
+    dense = P.model_shape(model)
+    at = shape_at(sc, dense)
+    chosen = []
+    for slow in (1.0, 2.0, 3.0):
+        cal = P.calibrate_host(P.HostRun(REF, "f16", 1498.5 / slow, 78.7, 16.892, 5000.0 / slow, 2048, 160, 128),
+                               load_profile("host", calibration=False))
+        prof = P.apply_calibration(load_profile("demo-tiny-budget", calibration=False), cal)
+        r = P.plan(dense, prof, margin_pct=2.0, shape_at=at)
+        chosen.append((r.chosen.quant, r.chosen.ratio))
+        below = next(c for c in r.candidates if c.role == "below")
+        assert not below.feasible and below.fits["max_memory_mb"] is False
+    assert len(set(chosen)) == 1 and chosen[0][1] > 0, chosen
+    # the plan's real shapes are what surgery gives: prune at that ratio and compare per-layer shapes
+    from edgeprune.models import layer_shapes
+    from edgeprune.surgery import apply_plan
+
+    apply_plan(model, sc.plan_at(chosen[0][1]), sc.scores.bias_means)
+    assert tuple(layer_shapes(model)) == at(chosen[0][1]).layers

@@ -185,7 +185,8 @@ def test_repair_stage_lowers_model_error(kind, one_thread):
     for name, o in {"none": RepairOptions("none", sequential=False), "bias": RepairOptions("bias", sequential=False),
                     "lsq": RepairOptions("lsq", sequential=False),
                     "lsq-seq": RepairOptions("lsq", sequential=True, target="dense"),
-                    "lsq-self": RepairOptions("lsq", sequential=True, target="self")}.items():
+                    "lsq-self": RepairOptions("lsq", sequential=True, target="self"),
+                    "lsq-resid": RepairOptions("lsq", sequential=True, target="resid")}.items():
         m = copy.deepcopy(dense)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReconstructionWarning)
@@ -198,6 +199,7 @@ def test_repair_stage_lowers_model_error(kind, one_thread):
             assert all(r.errors[k] <= r.errors_none[k] + 1e-12 for r in reps for k in r.errors)
     assert errs["lsq"] < errs["bias"] < errs["none"]
     assert errs["lsq-seq"] < errs["lsq"]
+    assert errs["lsq-resid"] < errs["lsq-seq"]      # absorbing the residual-stream error: closest to dense
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,8 @@ class Method:
 
     * ``Options`` — the typed options dataclass (:class:`MethodOptions`);
     * ``default_allocation`` — allocator used when none is given;
+    * ``default_reconstruct`` — the repair stage the method implies when ``reconstruct`` is not given (None: its
+      own surgery only; ``obs``: ``lsq``);
     * ``needs_calibration`` — whether it reads calibration statistics (:class:`~edgeprune.calibrate.LayerStats`);
     * ``needs_gradients`` — whether it runs a backward pass (scoring then runs with autograd enabled);
     * ``loss_scope`` — ``"layer"``: scores need only the layer and its calibration statistics (streamed scores
@@ -200,6 +202,7 @@ class Method:
     name = "base"
     Options: type[MethodOptions] = MethodOptions
     default_allocation = "uniform"
+    default_reconstruct: str | None = None
     needs_calibration = True
     needs_gradients = False
     loss_scope = "layer"

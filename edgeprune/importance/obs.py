@@ -49,7 +49,8 @@ def ranked_scores(order: list[int], costs: list[float], n: int, params: int) -> 
 
 @register("obs")
 class OBS(Method):
-    """Structured OBS cost (module docstring). Default allocation: ``global``."""
+    """Structured OBS cost (module docstring). Default allocation: ``global``; default repair: the sequential
+    least-squares refit (``lsq``, what OBS's updates converge to), as SlimGPT and ZipLM update the kept weights."""
 
     @dataclass(frozen=True)
     class Options(MethodOptions):
@@ -57,6 +58,7 @@ class OBS(Method):
         obs_steps: int = option(256, lo=1, doc="greedy steps per projection at most")
 
     default_allocation = "global"
+    default_reconstruct = "lsq"
     standardized = True
 
     def layer_scorer(self, ctx: Context) -> "OBSScorer":

@@ -3,8 +3,12 @@
 **Units.** Memory (``*_mb`` of RAM, budgets) is MiB (2^20 bytes, like ``ru_maxrss/1024``); ``file_mb`` is 10^6
 bytes (like ``GGUFSummary.file_mb``); bandwidth GB/s is 10^9 bytes/s.
 
-**Runtime memory**: ``overhead = runtime_overhead_mb + C_batch * 4 * (hidden + max_l n_ff_l)`` (a constant for
-process + library, calibratable; plus the compute buffer touched per batch token, approximate).
+**Runtime memory**: ``overhead = runtime_overhead_mb + compute buffer``: a constant for process + library
+(calibratable) plus the compute buffer (:func:`compute_buffer_bytes`); on llama.cpp ``U * 4 * (vocab + hidden)``
+with ``U = min(ctx, 512)`` the deployed micro-batch, dominated by its F32 logits. Measured (llama.cpp 0.3.36,
+flash attention, n_ctx 2048): 9.0 MiB for the dense reference model (vocab 4096: logits alone 8 MiB) and 9.5 MiB
+for a per-layer pruned copy — it does not shrink with the MLP width, so pruning is not credited with
+compute-buffer savings.
 ``peak_rss = weights + kv + overhead`` (weights counted fully resident: llama.cpp maps the file; only the
 embedding rows actually used are touched, so this over-counts by at most the embedding table).
 
@@ -64,6 +68,16 @@ class Prediction:
         return d
 
 
+def compute_buffer_bytes(ms, ctx: int, runtime: str, is_host: bool = False) -> int:
+    """llama.cpp: the deployed micro-batch's F32 logits and hidden rows, ``min(ctx, 512) * 4 * (vocab + hidden)``
+    (measured, see the module doc). onnxruntime (not measured here): ``C * 4 * (hidden + max_l n_ff_l)`` with
+    ``C = min(ctx, 512)`` (the whole context on the host)."""
+    if runtime == "llama.cpp":
+        return min(ctx, 512) * 4 * (ms.vocab + ms.hidden)
+    max_ff = max((s.intermediate_size for s in ms.layers), default=0)
+    return min(ctx, 512 if not is_host else ctx) * 4 * (ms.hidden + max_ff)
+
+
 def predict(shapes: Any, quant: str, profile, *, kv_tokens: int | None = None, n_prompt: int | None = None,
             n_ctx: int | None = None) -> Prediction:
     """Predict memory, file size and speed (formulas in the module doc).
@@ -89,8 +103,7 @@ def predict(shapes: Any, quant: str, profile, *, kv_tokens: int | None = None, n
     w = sum(t.nbytes for t in ts)
     kv_elem = kv_elem_bytes(quant, rt)
     kv = kv_bytes(ms, kv_alloc_tokens(ctx, rt), quant, rt) * (2 if rt == "onnxruntime" else 1)
-    max_ff = max((s.intermediate_size for s in ms.layers), default=0)
-    compute_buf = min(ctx, 512 if not profile.is_host else ctx) * 4 * (ms.hidden + max_ff)
+    compute_buf = compute_buffer_bytes(ms, ctx, rt, profile.is_host)
     overhead = int(profile.runtime_overhead_mb * MIB) + compute_buf
     peak = (w + kv + overhead) / MIB
 

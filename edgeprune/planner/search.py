@@ -203,7 +203,7 @@ def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_mult
                      runner_up=ranked[1] if len(ranked) > 1 else None)
     if chosen is not None:
         res.why = _why(res)
-        res.explanation = _explain(res, profile, chosen)
+        res.explanation = explain(res, profile, chosen)
         return res
     res.refusal = res.explanation = _refusal(res, profile, ms)
     if strict:
@@ -223,7 +223,9 @@ def _candidates(ev: _Evaluator, quants: tuple[str, ...], grid: list[float], reso
             if r > 0:
                 roles[(q, round(r - resolution, 6))] = "below"
     order = {q: i for i, q in enumerate(quants)}
-    return [ev.candidate(q, r, role) for (q, r), role in sorted(roles.items(), key=lambda x: (order[x[0][0]], x[0][1]))]
+    feasible = any(role == "least" for role in roles.values())   # a refusal needs no quality measurement
+    return [ev.candidate(q, r, role) if feasible else ev.predicted(q, r)
+            for (q, r), role in sorted(roles.items(), key=lambda x: (order[x[0][0]], x[0][1]))]
 
 
 def _notes(profile) -> list[str]:
@@ -254,7 +256,7 @@ def _why(res: PlanResult) -> str:
             f"{basis}).")
 
 
-def _explain(res: PlanResult, profile, c: Candidate) -> str:
+def explain(res: PlanResult, profile, c: Candidate) -> str:
     p = c.prediction
     why_r = "no pruning needed" if c.ratio == 0 else (
         f"{c.ratio:.1%} is the least pruning (0.5% steps) whose shapes fit "

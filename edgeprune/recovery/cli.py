@@ -12,6 +12,9 @@ def cmd_finetune(a) -> int:
     from ..paths import guard_output
     from .finetune import finetune
 
+    from ..options import check_finetune
+
+    check_finetune(a)
     ins = (a.model, *(x for x in (a.data, a.teacher) if x and os.path.exists(x)))
     if a.json:   # before training, not after it
         guard_output(a.json, kind="file", inputs=ins, outputs=(a.out, a.out + ".ckpt"), overwrite=True,

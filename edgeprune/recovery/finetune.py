@@ -87,18 +87,24 @@ class FinetuneConfig:
             raise EdgepruneError("give either --steps or --minutes, not both")
         if self.steps is None and self.minutes is None:
             self.steps = 200
+        fin = math.isfinite
         checks = [("steps", self.steps is None or self.steps >= 1, ">= 1"),
-                  ("minutes", self.minutes is None or self.minutes > 0, "> 0"), ("lr", self.lr > 0, "> 0"),
-                  ("rank", self.rank >= 1, ">= 1"), ("alpha", self.alpha > 0, "> 0"),
+                  ("minutes", self.minutes is None or (fin(self.minutes) and self.minutes > 0), "> 0 and finite"),
+                  ("lr", fin(self.lr) and self.lr > 0, "> 0 and finite"),
+                  ("rank", self.rank >= 1, ">= 1"), ("alpha", fin(self.alpha) and self.alpha > 0, "> 0 and finite"),
+                  ("seed", 0 <= self.seed <= 2 ** 32 - 1, f"in 0 to {2 ** 32 - 1}"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("groups", self.groups >= 1, ">= 1"),
                   ("seq-len", self.seq_len >= 8, ">= 8"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("eval-every", self.eval_every >= 1, ">= 1"), ("patience", self.patience >= 1, ">= 1"),
                   ("kd-weight", 0 <= self.kd_weight <= 1, "in [0, 1]"),
-                  ("kd-temperature", self.kd_temperature > 0, "> 0")]
+                  ("kd-temperature", fin(self.kd_temperature) and self.kd_temperature > 0, "> 0 and finite")]
         for name, ok, rule in checks:
             if not ok:
                 raise EdgepruneError(f"--{name} {getattr(self, name.replace('-', '_'))!r} is out of range; "
                                      f"give a value {rule}")
+        if self.strategy == "groupwise" and self.steps is not None and self.steps < self.groups:
+            raise EdgepruneError(f"--steps {self.steps} is fewer than --groups {self.groups} (each group needs at "
+                                 f"least one step); use --steps >= {self.groups} or --groups <= {self.steps}")
 
 
 @dataclass
@@ -427,6 +433,11 @@ class _Run:
         except Exception as e:  # noqa: BLE001
             raise EdgepruneError(f"checkpoint {self.ckpt_file} cannot be loaded safely ({type(e).__name__}); delete "
                                  f"{self.ckpt_dir} and run without --resume") from None
+        need = ("fingerprint", "group", "step_in_group", "global_step", "position", "done", "rng", "history")
+        if not isinstance(st, dict) or any(k not in st for k in need) or not isinstance(st["fingerprint"], dict):
+            raise EdgepruneError(f"checkpoint {self.ckpt_file} is not an edgeprune fine-tuning checkpoint (missing "
+                                 f"{[k for k in need if not isinstance(st, dict) or k not in st][:3]}); delete "
+                                 f"{self.ckpt_dir} and run without --resume")
         if st["fingerprint"] != self.fp:
             diff = [k for k in self.fp if st["fingerprint"].get(k) != self.fp[k]]
             raise EdgepruneError(f"the checkpoint in {self.ckpt_dir} was written with different settings "

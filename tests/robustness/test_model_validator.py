@@ -74,7 +74,7 @@ CASES = [
                                        "--out", c.work / "m.gguf"], ("down_proj", "NaN/Inf")),
     C("weights-nan-eval", lambda c: ["eval", c.model(_poke(float("nan"))), "--max-chunks", "1", "--quiet",
                                      "--json", c.work / "e.json"], ("NaN/Inf",)),
-    C("weights-nan-finetune", lambda c: ["finetune", c.model(_poke(float("nan"))), "--data", c.text(), "--steps", "2",
+    C("weights-nan-finetune", lambda c: ["finetune", c.model(_poke(float("nan"))), "--data", c.text(), "--steps", "4",
                                          "--out", c.out, "--quiet"], ("NaN/Inf",)),
     C("weights-nan-run", lambda c: ["run", c.model(_poke(float("nan"))), "--profile", "pixel-8", "--out", c.out,
                                     "--no-host-calibration"], ("NaN/Inf",)),

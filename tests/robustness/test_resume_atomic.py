@@ -216,6 +216,8 @@ ALLOWED = {
     ("edgeprune/checkpoint.py", "finish"),              # same (the shard index)
     ("edgeprune/layer_io.py", "finish"),                # ShardSink: config, report into its atomic_dir
     ("exporters/remote.py", "push"),                    # LocalTransport: a copy into the scratch "device" folder
+    ("exporters/remote.py", "_speed_bundle"),           # files for the device, in a scratch temp folder
+    ("edgeprune/paths.py", "mark_ours"),                # a constant one-line marker; a torn write is still a marker
 }
 
 

@@ -36,7 +36,8 @@ def test_fingerprints_follow_what_each_stage_depends_on(tmp_path, model):
     other_method, _ = _fps(_cfg(tmp_path, method="wanda-sp"), model)
     other_chunks, _ = _fps(_cfg(tmp_path, ppl_chunks=7), model)
     assert all(base[s] != other_profile[s] for s in base)                      # the profile: everything
-    assert [s for s in base if base[s] != other_method[s]] == ["prune", "finetune", "export", "verify", "report"]
+    # the plan scores the model with the method (issue #14: candidates from its real allocation)
+    assert [s for s in base if base[s] != other_method[s]] == ["plan", "prune", "finetune", "export", "verify", "report"]
     assert [s for s in base if base[s] != other_chunks[s]] == ["verify", "report"]
     (model / "config.json").write_text((model / "config.json").read_text() + " ")  # the model edited in place
     assert _fps(_cfg(tmp_path), model)[0]["calibrate"] != base["calibrate"]
@@ -59,9 +60,9 @@ def test_changed_inputs_drop_later_stages_and_their_outputs(tmp_path, model):
     said = []
     fps2, facts2 = _fps(_cfg(tmp_path, method="wanda-sp"), model)
     st2 = RunState(out, fps2, facts2, log=said.append)
-    assert set(st2.d["stages"]) == {"calibrate", "plan"}
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "plan.json", "state.json"]
-    assert len(said) == 1 and "changed: method" in said[0] and "re-doing prune" in said[0]
+    assert set(st2.d["stages"]) == {"calibrate"}
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "state.json"]
+    assert len(said) == 1 and "changed: method" in said[0] and "re-doing plan" in said[0]
     # state written by an older edgeprune (no fingerprints) is not trusted either
     (out / "state.json").write_text(json.dumps({"stages": {"calibrate": {}, "plan": {"quant": "f16"}}}))
     assert RunState(out, fps2, facts2, log=said.append).d["stages"] == {}
@@ -89,8 +90,11 @@ def test_run_with_another_profile_redoes_everything(root, ref_model_dir, tmp_pat
     srv = server(root)
     m = cached_model(root, "tinyref", lambda d: tiny_with_ref_tokenizer(d, ref_model_dir))
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")   # a folder of the user's: needs --overwrite, and keeps their file
     args = ["--out", out, "--no-host-calibration", "--ppl-chunks", "2", "--calib-samples", "4"]
-    r = srv.run("run", m, "--profile", "pixel-8", *args)
+    error_line(srv.run("run", m, "--profile", "pixel-8", *args), 2, "not written by edgeprune", "--overwrite")
+    r = srv.run("run", m, "--profile", "pixel-8", *args, "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     r = srv.run("run", m, "--profile", "galaxy-s24", *args)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -99,3 +103,4 @@ def test_run_with_another_profile_redoes_everything(root, ref_model_dir, tmp_pat
     assert "galaxy-s24" in json.dumps(rep) and "pixel-8" not in json.dumps(rep)
     st = json.loads((out / "state.json").read_text())
     assert st["inputs"]["calibrate"]["profile"]["name"] == "galaxy-s24"
+    assert (out / "keep.txt").read_text() == "user data"
