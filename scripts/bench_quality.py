@@ -104,7 +104,7 @@ def main() -> None:
             row.pop("dir")
             r = json.loads(Path(ev).read_text())
             res["rows"][f"{rep['method']}:default:{row['reconstruct']}@{rep['target_ratio']}"] = {**row, **r}
-        res["command"] += f" ; {command} (+ edgeprune eval --ppl heldout --json)"
+            res["command"] += f" ; {command} (+ edgeprune eval --ppl heldout --json)"
         Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
         return
     if a.merge:
