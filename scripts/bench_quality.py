@@ -127,7 +127,8 @@ def main() -> None:
                               "wikitext2 = WikiText-2 raw test, ptb = PTB test, heldout = the reference model's "
                               "in-domain held-back text (README of ref-llama-8m)"
                               + (f"; first {a.max_chunks} chunks of each text" if a.max_chunks else "; whole texts"),
-                       "zeroshot": f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
+                       "zeroshot": "not run (--zs-limit 0)" if a.zs_limit == 0 else
+                                   f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
                                    "per-task metric (see edgeprune/zeroshot.py)",
                        "calibration": f"gutenberg (held-back text excluded), {a.calib_samples} x 128 tokens, seed 0",
                        "ratio": "fraction of non-embedding parameters removed"}
@@ -242,7 +243,7 @@ def render(res: dict) -> str:
 
     def cell(r, s):
         v = r.get(f"ppl.{s}.seq128")
-        return "–" if v is None else (f"{v:.1f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
+        return "–" if v is None else (f"{v:.2f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
 
     order = sorted(rows.values(), key=lambda r: (r["ratio"], r["method"] != "dense", r["method"], r["allocation"],
                                                  _recon(r)))
