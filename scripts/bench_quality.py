@@ -89,8 +89,24 @@ def main() -> None:
     ap.add_argument("--recovery", default="", help="comma list of method:ratio:reconstruct:minutes recovery rows")
     ap.add_argument("--ppl", default=",".join(PPL_SETS), help="perplexity texts (default: all three, whole)")
     ap.add_argument("--no-dense", action="store_true", help="do not evaluate the dense row here (merge it later)")
+    ap.add_argument("--rows-from", default="", help="comma list of DIR=EVAL_JSON=COMMAND: rows from a model pruned "
+                    "and evaluated (edgeprune eval --json) outside this script with that prune command")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result JSONs into --out and render")
     a = ap.parse_args()
+    if a.rows_from:
+        res = json.loads(Path(a.out + ".json").read_text()) if Path(a.out + ".json").exists() else \
+            {"rows": {}, "machine": machine(), "command": "", "protocol": {}}
+        for spec in a.rows_from.split(","):
+            d, ev, command = spec.split("=", 2)
+            rep = json.loads(Path(d, "prune_report.json").read_text())
+            row = row_from_dir(d, rep["method"], rep["target_ratio"], rep["timings"]["total_s"], rep["peak_rss_mb"],
+                               command)
+            row.pop("dir")
+            r = json.loads(Path(ev).read_text())
+            res["rows"][f"{rep['method']}:default:{row['reconstruct']}@{rep['target_ratio']}"] = {**row, **r}
+            res["command"] += f" ; {command} (+ edgeprune eval --ppl heldout --json)"
+        Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+        return
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
         res = {**parts[0], "rows": {k: v for p in parts for k, v in p["rows"].items()},
@@ -100,7 +116,7 @@ def main() -> None:
         Path(a.out + ".md").write_text(render(res))
         return
     ref = str(reference_model_dir())
-    ratios = [float(r) for r in a.ratios.split(",")]
+    ratios = [float(r) for r in a.ratios.split(",") if r]   # empty: the dense row only
     PPL_SETS[:] = [x for x in a.ppl.split(",") if x]
     configs = _configs(a)
     jpath = Path(a.out + ".json")
@@ -111,7 +127,8 @@ def main() -> None:
                               "wikitext2 = WikiText-2 raw test, ptb = PTB test, heldout = the reference model's "
                               "in-domain held-back text (README of ref-llama-8m)"
                               + (f"; first {a.max_chunks} chunks of each text" if a.max_chunks else "; whole texts"),
-                       "zeroshot": f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
+                       "zeroshot": "not run (--zs-limit 0)" if a.zs_limit == 0 else
+                                   f"lm-eval, local tasks, first {a.zs_limit} examples per task; average of the "
                                    "per-task metric (see edgeprune/zeroshot.py)",
                        "calibration": f"gutenberg (held-back text excluded), {a.calib_samples} x 128 tokens, seed 0",
                        "ratio": "fraction of non-embedding parameters removed"}
@@ -184,6 +201,11 @@ def prune_row(td: str, ref: str, method: str, alloc: str | None, recon: str | No
     except RuntimeError as e:
         print(f"  skipped: {e}", flush=True)
         return None
+    return row_from_dir(out, method, ratio, wall, rss, " ".join(["edgeprune"] + cmd[3:]).replace(td + "/", "$WORK/"))
+
+
+def row_from_dir(out: str, method: str, ratio: float, wall: float, rss: float, command: str) -> dict:
+    """A row's prune figures from a pruned model folder (its prune_report.json and provenance)."""
     rep = json.loads(Path(out, "prune_report.json").read_text())
     prov = json.loads(Path(out, "config.json").read_text())["pruning"]["provenance"]
     rc = prov.get("reconstruction", {})
@@ -194,7 +216,7 @@ def prune_row(td: str, ref: str, method: str, alloc: str | None, recon: str | No
             "nonemb_after": rep["nonemb_after"], "params_after": rep["params_after"], "prune_wall_s": round(wall, 1),
             "score_s": rep["timings"].get("score_s"), "prune_peak_rss_mb": round(rss, 1),
             "kept_per_layer": [(r["num_key_value_heads"], r["intermediate_size"]) for r in rep["per_layer"]],
-            "command": " ".join(["edgeprune"] + cmd[3:]).replace(td + "/", "$WORK/"), "dir": out}
+            "command": command, "dir": out}
 
 
 def dense_params() -> int:
@@ -221,7 +243,7 @@ def render(res: dict) -> str:
 
     def cell(r, s):
         v = r.get(f"ppl.{s}.seq128")
-        return "–" if v is None else (f"{v:.1f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
+        return "–" if v is None else (f"{v:.2f}" + (f" ({v / d[s]:.2f}×)" if d.get(s) and r is not dense else ""))
 
     order = sorted(rows.values(), key=lambda r: (r["ratio"], r["method"] != "dense", r["method"], r["allocation"],
                                                  _recon(r)))
