@@ -177,7 +177,7 @@ def _run_locked(cfg: RunConfig, src: Path, out: Path, profile, fmt: str) -> dict
             from .planner import HostCalibration
 
             profile = planner.apply_calibration(profile, HostCalibration(**cal["calibration"]))
-        plan, scored = _stage_plan(st, cfg, src, out, profile)                  # 2. plan (scores once)
+        plan, scored = _plan_stage(st, cfg, src, out, profile)                  # 2. plan (scores once)
         model_dir = _stage_prune(st, cfg, src, out, profile, plan, scored)      # 3. prune (the plan's scoring)
         scored = None
         if cfg.finetune != "none" and plan["ratio"] > 0:                        # 4. recover
@@ -209,12 +209,12 @@ def _prune_config(cfg: RunConfig, ratio: float, profile):
                        uniform_shapes=profile.uniform_shapes)
 
 
-def _stage_plan(st, cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
+def _plan_stage(st, cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
     """The plan stage's record and the scoring it planned on (None when the stage was done by an earlier run)."""
     scored = None
     if not st.done("plan"):
         _log(f"stage plan: fitting {src.name} to {profile.name}")
-        info, scored = _plan_scored(cfg, src, out, profile)
+        info, scored = _stage_plan(cfg, src, out, profile)
         st.mark("plan", info)
     return st.done("plan"), scored
 
@@ -230,7 +230,7 @@ def _stage_prune(st, cfg: RunConfig, src: Path, out: Path, profile, plan: dict, 
     return out / "pruned"
 
 
-def _plan_scored(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
+def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, object]:
     """Score once, plan on the real allocation with measured quality, check the top two end to end; writes
     ``plan.json`` (also when nothing fits) and returns the stage record and the scoring."""
     from . import planner

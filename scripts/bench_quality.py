@@ -76,7 +76,7 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
 
 
-def main() -> None:
+def _parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--configs", default="", help="comma list of method[:allocation]; default: all")
@@ -92,29 +92,41 @@ def main() -> None:
     ap.add_argument("--rows-from", default="", help="comma list of DIR=EVAL_JSON=COMMAND: rows from a model pruned "
                     "and evaluated (edgeprune eval --json) outside this script with that prune command")
     ap.add_argument("--merge", nargs="*", default=None, help="merge these result JSONs into --out and render")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def _rows_from(a) -> None:
+    """--rows-from: rows from models pruned and evaluated outside this script."""
+    res = json.loads(Path(a.out + ".json").read_text()) if Path(a.out + ".json").exists() else \
+        {"rows": {}, "machine": machine(), "command": "", "protocol": {}}
+    for spec in a.rows_from.split(","):
+        d, ev, command = spec.split("=", 2)
+        rep = json.loads(Path(d, "prune_report.json").read_text())
+        row = row_from_dir(d, rep["method"], rep["target_ratio"], rep["timings"]["total_s"], rep["peak_rss_mb"],
+                           command)
+        row.pop("dir")
+        r = json.loads(Path(ev).read_text())
+        res["rows"][f"{rep['method']}:default:{row['reconstruct']}@{rep['target_ratio']}"] = {**row, **r}
+        res["command"] += f" ; {command} (+ edgeprune eval --ppl heldout --json)"
+    Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+def _merge(a) -> None:
+    """--merge: result JSONs merged into --out and rendered."""
+    parts = [json.loads(Path(f).read_text()) for f in a.merge]
+    res = {**parts[0], "rows": {k: v for p in parts for k, v in p["rows"].items()},
+           "command": " ; ".join(p["command"] for p in parts) + " ; python scripts/bench_quality.py "
+           + " ".join(sys.argv[1:])}
+    Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
+    Path(a.out + ".md").write_text(render(res))
+
+
+def main() -> None:
+    a = _parse_args()
     if a.rows_from:
-        res = json.loads(Path(a.out + ".json").read_text()) if Path(a.out + ".json").exists() else \
-            {"rows": {}, "machine": machine(), "command": "", "protocol": {}}
-        for spec in a.rows_from.split(","):
-            d, ev, command = spec.split("=", 2)
-            rep = json.loads(Path(d, "prune_report.json").read_text())
-            row = row_from_dir(d, rep["method"], rep["target_ratio"], rep["timings"]["total_s"], rep["peak_rss_mb"],
-                               command)
-            row.pop("dir")
-            r = json.loads(Path(ev).read_text())
-            res["rows"][f"{rep['method']}:default:{row['reconstruct']}@{rep['target_ratio']}"] = {**row, **r}
-            res["command"] += f" ; {command} (+ edgeprune eval --ppl heldout --json)"
-        Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-        return
+        return _rows_from(a)
     if a.merge:
-        parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        res = {**parts[0], "rows": {k: v for p in parts for k, v in p["rows"].items()},
-               "command": " ; ".join(p["command"] for p in parts) + " ; python scripts/bench_quality.py "
-               + " ".join(sys.argv[1:])}
-        Path(a.out + ".json").write_text(json.dumps(res, indent=2) + "\n")
-        Path(a.out + ".md").write_text(render(res))
-        return
+        return _merge(a)
     ref = str(reference_model_dir())
     ratios = [float(r) for r in a.ratios.split(",") if r]   # empty: the dense row only
     PPL_SETS[:] = [x for x in a.ppl.split(",") if x]
