@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,10 +44,16 @@ class Speed:
 
 
 def _rss_mb() -> float:
-    """Peak RSS of this process image (VmHWM; see :func:`edgeprune.device.peak_rss_mb`)."""
-    from edgeprune.device import peak_rss_mb
-
-    return peak_rss_mb()
+    """Peak RSS of this process image: VmHWM (reset by exec; ``ru_maxrss`` is not, so a child forked from a big
+    parent would report the parent's peak). Not :func:`edgeprune.device.peak_rss_mb`: that module imports torch,
+    and the measuring child must hold the runtime alone (torch would add ~240 MB to every measured peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
