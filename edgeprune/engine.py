@@ -291,7 +291,7 @@ def _pass1(w: _Walk, ids_needed: bool, one_pass: bool) -> None:
 
     hs, w.hs = w.hs or [], None
 
-    for i in tqdm(range(len(w.groups)), desc="prune", unit="layer", disable=not w.cfg.progress, leave=False):
+    for i in tqdm(range(len(w.groups)), desc="prune", unit="layer", disable=None if w.cfg.progress else True, leave=False):
         layer = w.source.layer(i)
         if getattr(w.scorer, "forward_only", False):
             st, outs = None, [layer_forward(layer, h, w.kwargs) for h in hs]
@@ -324,7 +324,7 @@ def _stage_pass(w: _Walk, plan: Plan, hs0: list) -> None:
     from tqdm import tqdm
 
     w.cfg.stage.start(hs0, w.kwargs)
-    for i in tqdm(range(len(w.groups)), desc="prune (repair)", unit="layer", disable=not w.cfg.progress,
+    for i in tqdm(range(len(w.groups)), desc="prune (repair)", unit="layer", disable=None if w.cfg.progress else True,
                   leave=False):
         layer = w.source.layer(i)
         w.cfg.stage.step(i, layer, w.groups[i], plan.keep_kv[i], plan.keep_mlp[i])
@@ -342,7 +342,7 @@ def _pass2(w: _Walk, plan: Plan, hs0: list | None, bias_means) -> None:
     if w.cfg.stage is not None:
         return _stage_pass(w, plan, hs0)
     hs = hs0
-    for i in tqdm(range(len(w.groups)), desc="prune (pass 2)", unit="layer", disable=not w.cfg.progress,
+    for i in tqdm(range(len(w.groups)), desc="prune (pass 2)", unit="layer", disable=None if w.cfg.progress else True,
                   leave=False):
         layer = w.source.layer(i)
         st = w.stats[i]
