@@ -72,14 +72,16 @@ def cmd_prune(a) -> int:
 
         check_dir(a.model, a.target_format, a.max_context)
 
-    target = _fit_target(a)
-    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio if target is None else 0.0, target=target,
-                      allocation=a.allocation, calib=a.calib,
+    cfg = PruneConfig(method=a.method or DEFAULT_METHOD, ratio=a.ratio or 0.0, allocation=a.allocation, calib=a.calib,
                       calib_samples=a.calib_samples, calib_len=a.calib_len, seed=a.seed, skip_first=a.skip_first,
                       skip_last=a.skip_last, multiple=a.round_mlp, min_kv=a.min_kv, options=_kv_options(a.opt),
                       stream=a.stream, device=a.device, device_map=a.device_map, ray=a.ray,
                       uniform_kv=a.uniform_kv, uniform_shapes=a.uniform_shapes,
                       reconstruct=a.reconstruct, sequential=a.sequential)
+    cfg.check_options()   # every --opt key and value before --target-mb's host measurement (and any other work)
+    target = _fit_target(a)
+    if target is not None:
+        cfg.ratio, cfg.target = 0.0, target
     res = run_prune(a.model, a.out, cfg, overwrite=a.overwrite, progress=not a.quiet)
     print(f"pruned with {res.method} ({res.allocation}): non-embedding params {res.nonemb_before:,} -> "
           f"{res.nonemb_after:,} (removed {res.achieved_ratio:.2%}, target {res.target_ratio:.1%}"
@@ -347,8 +349,8 @@ def _add_prune(sub) -> None:
                    help="same KV heads in every layer, MLP widths free (optimum's ONNX runtime needs it)")
     s.add_argument("--uniform-shapes", action="store_true",
                    help="every layer the same shape (plain from_pretrained, llama.cpp arch 'llama')")
-    s.add_argument("--opt", action="append", help="method option key=value (repeatable); each method's options "
-                   "are in docs/methods.md")
+    s.add_argument("--opt", action="append", help="option key=value (repeatable) of the method, the allocation, the "
+                   "repair stage or streaming; a key none of them takes is refused; all are in docs/methods.md")
     s.add_argument("--reconstruct", choices=["none", "bias", "lsq", "obs"], default=None,
                    help="refit o_proj/down_proj on the kept columns after removal (default: the method's own; "
                         "FLAP: bias)")

@@ -24,6 +24,7 @@ from .layer_io import CheckpointSource, ResidentSink, ResidentSource, ShardSink
 from .models import check_model_dir, count_params, layer_shapes, load, load_tokenizer
 from .paths import check_output_dir
 from .result import PruneResult, jsonable
+from .typed_options import TypedOptions, check_options, option
 
 
 DEFAULT_METHOD = "obs"   # `edgeprune prune` without --method: OBS importance + sequential lsq refit (its default)
@@ -52,10 +53,11 @@ class PruneConfig:
     reconstruct: str | None = None       # none|bias|lsq|obs; None: the method's own (FLAP: bias, others: none)
     sequential: bool | None = None       # sequential calibration of the repair; None: on for lsq/obs
 
-    def repair_options(self):
-        """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery.
-        ``reconstruct=None`` takes the method's ``default_reconstruct`` (``obs``: lsq). ``--opt
-        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+    target: Any = None                   # planner.fit.FitTarget: prune to the least ratio that fits it (ratio unused)
+
+    def repair_mode(self) -> tuple[str, bool] | None:
+        """(mode, sequential) of the repair stage, or None to keep the method's own surgery.
+        ``reconstruct=None`` takes the method's ``default_reconstruct`` (``obs``: lsq)."""
         from .importance.base import REGISTRY
 
         mode = self.reconstruct
@@ -64,14 +66,45 @@ class PruneConfig:
             mode = REGISTRY[self.method].default_reconstruct
         if mode is None and not self.sequential:
             return None
-        from .repair import RepairOptions
-
         mode = mode or "none"
-        seq = self.sequential if self.sequential is not None else mode in ("lsq", "obs")
-        o = self.options
-        return RepairOptions(mode=mode, sequential=bool(seq), target=str(o.get("recon_target", "resid")),
-                             damp=float(o.get("recon_damp", 0.01)), intercept=_flag(o.get("recon_intercept", True)))
-    target: Any = None                   # planner.fit.FitTarget: prune to the least ratio that fits it (ratio unused)
+        return mode, bool(self.sequential if self.sequential is not None else mode in ("lsq", "obs"))
+
+    def repair_options(self):
+        """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery; ``--opt
+        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        rm = self.repair_mode()
+        if rm is None:
+            return None
+        from .repair import ReconOptions, RepairOptions
+
+        o = ReconOptions.parse(self.options)
+        return RepairOptions(mode=rm[0], sequential=rm[1], target=o.recon_target, damp=o.recon_damp,
+                             intercept=o.recon_intercept)
+
+    def option_owners(self) -> tuple[list[tuple[str, type]], str]:
+        """(the ``(label, typed options class)`` owners of ``--opt`` keys in this configuration, its name): the
+        method, the allocator (and the self-pruner's backend), the repair stage if one runs, streaming."""
+        from .allocation import option_classes
+
+        method = get_method(self.method)
+        alloc = self.allocation or method.default_allocation
+        check_allocation(alloc)
+        owners = [(method.name, type(method).Options)]
+        owners += [(c.OWNER, c) for c in option_classes(alloc)]
+        combo = f"--method {method.name} --allocation {alloc}"
+        rm = self.repair_mode()
+        if rm is not None:
+            from .repair import ReconOptions
+
+            owners.append((ReconOptions.OWNER, ReconOptions))
+            combo += f" --reconstruct {rm[0]}"
+        return owners + [(StreamOptions.OWNER, StreamOptions)], combo
+
+    def check_options(self) -> None:
+        """The method and allocation names and every ``--opt`` key and value against their owners in this
+        configuration (:func:`edgeprune.typed_options.check_options`), before any work."""
+        owners, combo = self.option_owners()
+        check_options(self.options, owners, combo, _elsewhere({c for _, c in owners}))
 
     def validate(self) -> None:
         if self.target is not None:
@@ -83,15 +116,16 @@ class PruneConfig:
             raise EdgepruneError(f"--round-mlp {self.multiple} must be >= 1")
         if self.min_kv < 0:
             raise EdgepruneError(f"--min-kv {self.min_kv} must be >= 0")
+        if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
+            raise EdgepruneError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
+        self.check_options()   # an unknown method, allocation or --opt key, a bad value: one line, before any I/O
         ro = self.repair_options()
         if ro is not None:
             ro.validate()
-        if self.device not in ("cpu", "cuda", "auto") and not str(self.device).startswith("cuda:"):
-            raise EdgepruneError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
-        method = get_method(self.method)          # an unknown method or a bad --opt: one line, before any I/O
-        method.parse_options(self.options)
-        alloc = self.allocation or method.default_allocation
-        check_allocation(alloc)
+        self._check_combinations(ro)
+
+    def _check_combinations(self, ro) -> None:
+        alloc = self.allocation or get_method(self.method).default_allocation
         propagate, _ = stream_options(self.options)
         if self.stream and alloc == "self-pruner":
             raise EdgepruneError("the self-pruner allocation evaluates whole pruned models and cannot stream; prune "
@@ -108,6 +142,29 @@ class PruneConfig:
         if self.target is not None and propagate == "pruned":
             raise EdgepruneError("--target-mb scores once on the dense model; --opt stream_propagate=pruned "
                                  "scores on the pruned layers' outputs: drop one of them")
+
+
+def _elsewhere(used: set) -> dict[str, str]:
+    """``--opt`` key -> the flag whose owner claims it, over the owners a configuration does not use (every
+    method, allocator and the repair stage), so a key of another configuration is named as such."""
+    from .allocation import ALLOCATORS, option_classes
+    from .importance import method_names
+    from .repair import ReconOptions
+
+    out: dict[str, str] = {}
+    for k in ReconOptions.keys():
+        out[k] = "--reconstruct lsq|obs"
+    for a in ALLOCATORS:
+        for c in option_classes(a):
+            for k in c.keys():
+                out.setdefault(k, f"--allocation {a}")
+    for m in method_names():
+        for k in type(get_method(m)).Options.keys():
+            out.setdefault(k, f"--method {m}")
+    for c in used:
+        for k in c.keys():
+            out.pop(k, None)
+    return out
 
 
 @dataclass
@@ -148,33 +205,28 @@ def score(model, tokenizer, cfg: PruneConfig, progress: bool = True) -> Scored:
                   {"calib_s": round(t1 - t0, 2), "score_s": round(time.time() - t1, 2)})
 
 
-def _flag(v) -> bool:
-    if isinstance(v, str):
-        if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise EdgepruneError(f"--opt value {v!r} must be true or false")
-        return v.lower() in ("true", "1", "yes")
-    return bool(v)
+@dataclass(frozen=True)
+class StreamOptions(TypedOptions):
+    """The layer loop's ``--opt`` options (every configuration has them)."""
 
-
-STREAM_OPTIONS = {"stream_propagate": ("dense", "pruned"), "stream_dtype": ("auto", "fp32", "bf16", "fp16")}
+    OWNER = "streaming"
+    stream_propagate: str = option("dense", choices=("dense", "pruned"),
+                                   doc="what later layers are calibrated on: the dense or the pruned outputs")
+    stream_dtype: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                               doc="compute dtype of a streamed layer")
 
 
 def stream_options(options: dict) -> tuple[str, str]:
     """(propagate, dtype) of the layer-streaming options ``stream_propagate`` / ``stream_dtype``, checked."""
-    out = []
-    for k, allowed in STREAM_OPTIONS.items():
-        v = options.get(k, allowed[0])
-        if v not in allowed:
-            raise EdgepruneError(f"--opt {k}={v}: use {', '.join(allowed)}")
-        out.append(v)
-    return out[0], out[1]
+    o = StreamOptions.parse(options)
+    return o.stream_propagate, o.stream_dtype
 
 
 def engine_config(cfg: PruneConfig, method, n_layers: int, nonemb: int, progress: bool,
                   repair=None, hooks=None) -> EngineConfig:
     """The engine's configuration for ``cfg`` (skip range: the method's default unless given)."""
     skip = method.default_skip(n_layers)
-    extra = {k: v for k, v in cfg.options.items() if k not in STREAM_OPTIONS}
+    extra = {k: v for k, v in cfg.options.items() if k not in StreamOptions.keys()}
     if cfg.ray and "ray" not in extra:
         extra["ray"] = cfg.ray
     opts = AllocOptions(ratio=cfg.ratio, nonemb_params=nonemb,
@@ -196,7 +248,7 @@ def engine_config(cfg: PruneConfig, method, n_layers: int, nonemb: int, progress
 def _context(cfg: PruneConfig, tokenizer, model) -> Context:
     torch.manual_seed(cfg.seed)
     ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_len, cfg.seed)
-    options = {k: v for k, v in cfg.options.items() if k not in STREAM_OPTIONS}
+    options = {k: v for k, v in cfg.options.items() if k not in StreamOptions.keys()}
     if cfg.ray and "ray" not in options:
         options["ray"] = cfg.ray
     return Context(model=model, calib_ids=ids, seed=cfg.seed, options=options, progress=False)

@@ -34,8 +34,20 @@ import torch
 from .groups import LayerGroups, kv_index, q_index
 from .reconstruct import DAMP, MODES, Gram, reconstruct
 from .surgery import take_linear
+from .typed_options import TypedOptions, option
 
 TARGETS = ("resid", "dense", "self")
+
+
+@dataclass(frozen=True)
+class ReconOptions(TypedOptions):
+    """The repair stage's ``--opt`` options (claimed only when a configuration runs the repair stage:
+    ``--reconstruct`` or a method whose default is a refit)."""
+
+    OWNER = "the repair stage"
+    recon_target: str = option("resid", choices=TARGETS, doc="what the refit aims at (see the module docstring)")
+    recon_damp: float = option(DAMP, lo=0.0, hi=1e6, doc="damping relative to mean(diag H)")
+    recon_intercept: bool = option(True, doc="the refit may add an output bias")
 
 
 @dataclass

@@ -23,6 +23,12 @@ def _module(name: str):
         raise EdgepruneError(f"allocation '{name}' is not available in this build ({e.name})") from None
 
 
+def option_classes(name: str) -> tuple:
+    """The typed ``--opt`` options (:class:`~edgeprune.typed_options.TypedOptions` classes) allocator ``name``
+    reads (its module's ``OPTIONS``; none for uniform and global)."""
+    return tuple(getattr(_module(name), "OPTIONS", ()))
+
+
 def per_layer_ratios(name: str, groups, opts) -> list[float] | None:
     """The per-layer removal fractions of a *per-layer* allocator (known before any score: the engine prunes each
     layer as soon as it is scored), or None for an allocator that needs every layer's scores first."""

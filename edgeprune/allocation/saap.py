@@ -18,11 +18,33 @@ Verified (SAAP abstract / secondary summaries): modules are ranked to decide *wh
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import EdgepruneError
 from ..groups import LayerGroups, Plan
+from ..typed_options import TypedOptions, option
 from .base import AllocOptions, per_layer_plan
+
+
+@dataclass(frozen=True)
+class Options(TypedOptions):
+    """The saap allocation's ``--opt`` options (module docstring, steps 3-4)."""
+
+    OWNER = "the saap allocation"
+    saap_beta: float = option(1.0, lo=0.0, doc="weight of the fluctuation F in the indicator K")
+    saap_lambda: float = option(0.1, lo=0.0, doc="spread of the layer ratios around the budget (ratio units)")
+    saap_min: float = option(0.0, lo=0.0, hi=1.0, doc="least removal fraction of a prunable layer")
+    saap_max: float = option(0.9, lo=0.0, hi=1.0, doc="largest removal fraction of a prunable layer")
+
+    def __post_init__(self):
+        if self.saap_min > self.saap_max:
+            raise EdgepruneError(f"--opt saap_min={self.saap_min} is above saap_max={self.saap_max}; give "
+                                 "0 <= saap_min <= saap_max <= 1")
+
+
+OPTIONS = (Options,)
 
 
 def layer_params(lg: LayerGroups) -> int:
@@ -71,9 +93,8 @@ def saap_ratios(attn, mlp, groups: list[LayerGroups], opts: AllocOptions) -> tup
     idx = opts.prunable(len(groups))
     if not idx:
         raise EdgepruneError("every layer is in the skip range; lower --skip-first/--skip-last")
-    ex = opts.extra
-    beta, lam = float(ex.get("saap_beta", 1.0)), float(ex.get("saap_lambda", 0.1))
-    lo, hi = float(ex.get("saap_min", 0.0)), float(ex.get("saap_max", 0.9))
+    o = Options.parse(opts.extra)
+    beta, lam, lo, hi = o.saap_beta, o.saap_lambda, o.saap_min, o.saap_max
     mu, fl = fluctuation(attn, mlp, groups, idx)
     k = torch.tensor([max(m * (1 + beta * f), 1e-12) for m, f in zip(mu, fl)], dtype=torch.float64).log()
     z = (k - k.mean()) / (k.std() + 1e-12) if len(idx) > 1 else torch.zeros(1, dtype=torch.float64)

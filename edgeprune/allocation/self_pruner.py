@@ -21,20 +21,50 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import EdgepruneError
 from ..evaluate import perplexity_ids
 from ..groups import Plan
-from ..self_pruner import SearchConfig, Space, make_backend, search
+from ..self_pruner import BackendOptions, SearchConfig, Space, make_backend, search
 from ..surgery import apply_plan
+from ..typed_options import TypedOptions, option
 from .base import AllocOptions, per_layer_plan, uniform_layer_ratio
 
 
-def fitness_ids(ctx, opts: dict) -> tuple[torch.Tensor, str]:
-    n, L = int(opts.get("fitness_samples", 16)), int(opts.get("fitness_len", 128))
-    src = opts.get("fitness_source", "gutenberg")
+@dataclass(frozen=True)
+class Options(TypedOptions):
+    """The self-pruner allocation's ``--opt`` options (search, fitness text, Ray); its proposal backend's are
+    :class:`~edgeprune.self_pruner.backends.BackendOptions`."""
+
+    OWNER = "the self-pruner allocation"
+    p_min: float = option(0.0, lo=0.0, hi=1.0, doc="least removal rate of a prunable layer")
+    p_max: float = option(0.8, lo=0.0, hi=1.0, doc="largest removal rate (raised to the uniform rate if below)")
+    population: int = option(30, lo=1, doc="individuals kept per generation")
+    n_crossover: int = option(10, lo=0, doc="crossover children per generation")
+    n_mutation: int = option(10, lo=0, doc="mutation children per generation")
+    generations: int = option(20, lo=0, doc="generations after the initial population")
+    log: str = option("", doc="JSONL search log (an existing one is replayed: resume)")
+    fitness_source: str = option("gutenberg", doc="text of the fitness perplexity (a corpus name or a file)")
+    fitness_samples: int = option(16, lo=1, doc="rows of the fitness text")
+    fitness_len: int = option(128, lo=2, doc="tokens per row of the fitness text")
+    ray: str = option("", doc="Ray address for the fitness evaluations (as --ray)")
+    ray_retries: int = option(3, lo=0, doc="retries of a failed Ray fitness task")
+    ray_cpus: int = option(0, lo=0, doc="CPUs of a local Ray instance (0: Ray's default)")
+
+    def __post_init__(self):
+        if self.p_min > self.p_max:
+            raise EdgepruneError(f"--opt p_min={self.p_min} is above p_max={self.p_max}; give "
+                                 "0 <= p_min <= p_max <= 1")
+
+
+OPTIONS = (Options, BackendOptions)
+
+
+def fitness_ids(ctx, o: Options) -> tuple[torch.Tensor, str]:
+    n, L, src = o.fitness_samples, o.fitness_len, o.fitness_source
     path = getattr(ctx.model, "name_or_path", "") or ""
     try:
         from ..data import calibration_ids
@@ -50,13 +80,12 @@ def fitness_ids(ctx, opts: dict) -> tuple[torch.Tensor, str]:
 def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
     if ctx is None:
         raise EdgepruneError("the self-pruner allocation needs the dense model (importance context)")
-    ex = opts.extra
+    ex, o = opts.extra, Options.parse(opts.extra)
     idx = opts.prunable(len(groups))
     beta = uniform_layer_ratio(groups, opts)[idx[0]]
     P = [float(groups[i].n_kv * groups[i].attn_group_params + groups[i].n_mlp * groups[i].mlp_group_params) for i in idx]
-    space = Space(len(idx), beta, float(ex.get("p_min", 0.0)), max(float(ex.get("p_max", 0.8)), beta),
-                  tuple(p / sum(P) for p in P))
-    ids, fit_desc = fitness_ids(ctx, ex)
+    space = Space(len(idx), beta, o.p_min, max(o.p_max, beta), tuple(p / sum(P) for p in P))
+    ids, fit_desc = fitness_ids(ctx, o)
     seq = ids.shape[1]
     flat = ids.reshape(-1)
 
@@ -72,9 +101,8 @@ def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
         apply_plan(m, plan, scores.bias_means)
         return perplexity_ids(m, flat, seq_len=seq)
 
-    cfg = SearchConfig(population=int(ex.get("population", 30)), n_crossover=int(ex.get("n_crossover", 10)),
-                       n_mutation=int(ex.get("n_mutation", 10)), generations=int(ex.get("generations", 20)),
-                       seed=ctx.seed, log=ex.get("log"))
+    cfg = SearchConfig(population=o.population, n_crossover=o.n_crossover, n_mutation=o.n_mutation,
+                       generations=o.generations, seed=ctx.seed, log=o.log or None)
     try:
         backend = make_backend(ex, ctx.seed, f"{getattr(ctx.model.config, 'model_type', 'llama')} with {len(groups)} "
                                              f"decoder layers ({len(idx)} prunable)")
@@ -82,13 +110,12 @@ def allocate(scores, groups, opts: AllocOptions, ctx=None) -> Plan:
         raise EdgepruneError(f"self-pruner --opt: {e}; fix the --opt values") from None
     t = time.time()
     search_fitness, ray_info = fitness, None
-    if ex.get("ray"):   # distributed fitness evaluations (edgeprune.distributed): same function, one task each
+    if o.ray:   # distributed fitness evaluations (edgeprune.distributed): same function, one task each
         from ..distributed import PrefetchBackend, RayEvaluator
 
-        search_fitness = RayEvaluator(fitness, str(ex["ray"]), int(ex.get("ray_retries", 3)),
-                                      int(ex["ray_cpus"]) if ex.get("ray_cpus") else None)
+        search_fitness = RayEvaluator(fitness, o.ray, o.ray_retries, o.ray_cpus or None)
         backend = PrefetchBackend(backend, search_fitness)
-        ray_info = {"address": str(ex["ray"])}
+        ray_info = {"address": o.ray}
     res = search(space, search_fitness, backend, cfg)
     if ray_info is not None:
         ray_info["tasks"] = search_fitness.submitted

@@ -19,12 +19,13 @@ is read (:meth:`Method.parse_options`): a wrong option is one line naming it and
 """
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import EdgepruneError
 from ..groups import LayerGroups, model_groups
+from ..typed_options import TypedOptions, option  # noqa: F401 (option: re-exported for methods)
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -37,67 +38,12 @@ def register(name: str):
     return deco
 
 
-def option(default, choices: tuple | None = None, lo: float | None = None, hi: float | None = None, doc: str = ""):
-    """A typed method option: its default (whose type is the option's type), the allowed values (``choices``)
-    or bounds (``lo`` <= v <= ``hi``), and a one-line description."""
-    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
-
-
 @dataclass(frozen=True)
-class MethodOptions:
-    """Base of a method's typed options (``--opt key=value``); subclasses add :func:`option` fields."""
+class MethodOptions(TypedOptions):
+    """Base of a method's typed options (``--opt key=value``); subclasses add :func:`option` fields (the one typed
+    options mechanism, :mod:`edgeprune.typed_options`; messages name the method)."""
 
-    @classmethod
-    def parse(cls, raw: dict, method: str) -> "MethodOptions":
-        """The options of ``raw`` that belong to this class, converted and checked; other keys (allocator, stream
-        and distribution options) are left to their owners."""
-        vals = {}
-        for f in fields(cls):
-            if f.name in raw:
-                vals[f.name] = _convert(f, raw[f.name], method)
-        return cls(**vals)
-
-    @classmethod
-    def describe(cls) -> dict[str, str]:
-        """``name -> allowed values`` (for help texts and errors)."""
-        return {f.name: _allowed(f) for f in fields(cls)}
-
-
-def _allowed(f) -> str:
-    m, typ = f.metadata, type(f.default if f.default is not MISSING else "")
-    if m.get("choices"):
-        return "one of " + ", ".join(str(c) for c in m["choices"])
-    kind = {bool: "true or false", int: "an integer", float: "a number"}.get(typ, "a string")
-    if m.get("lo") is not None and m.get("hi") is not None:
-        return f"{kind} in [{m['lo']}, {m['hi']}]"
-    if m.get("lo") is not None:
-        return f"{kind} >= {m['lo']}"
-    return kind
-
-
-def _convert(f, v, method: str):
-    typ, m = type(f.default), f.metadata
-    bad = EdgepruneError(f"--opt {f.name}={v}: {method}'s {f.name} must be {_allowed(f)}")
-    if typ is bool:
-        if isinstance(v, bool):
-            out = v
-        elif str(v).lower() in ("true", "1", "yes"):
-            out = True
-        elif str(v).lower() in ("false", "0", "no"):
-            out = False
-        else:
-            raise bad
-    elif typ in (int, float):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and float(v) != int(v)):
-            raise bad
-        out = typ(v)
-        if (m.get("lo") is not None and out < m["lo"]) or (m.get("hi") is not None and out > m["hi"]):
-            raise bad
-    else:
-        out = v if isinstance(v, str) else str(v)
-    if m.get("choices") and out not in m["choices"]:
-        raise bad
-    return out
+    OWNER = "the method"
 
 
 def skip_rule(first: int, last: int, per: int = 32):

@@ -24,10 +24,31 @@ import math
 import os
 import re
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..typed_options import TypedOptions, option
 from .search import Individual, Space, crossover, mutate, tournament
+
+
+@dataclass(frozen=True)
+class BackendOptions(TypedOptions):
+    """The proposal backend's ``--opt`` options (:func:`make_backend`); an empty ``llm_*`` string falls back to its
+    ``EDGEPRUNE_LLM_*`` environment variable."""
+
+    OWNER = "the self-pruner backend"
+    backend: str = option("auto", choices=("auto", "ga", "llama-cpp", "openai"), doc="who proposes candidates")
+    crossover: str = option("uniform", choices=("uniform", "blend"), doc="GA crossover (blend: BLX-alpha)")
+    mutation_sigma: float = option(0.05, lo=0.0, doc="GA mutation noise")
+    init_sigma: float = option(0.1, lo=0.0, doc="noise of the initial population around the uniform rates")
+    seed_uniform: bool = option(True, doc="the uniform rates are one of the initial individuals")
+    llm_gguf: str = option("", doc="llama-cpp: the chat model's GGUF (else EDGEPRUNE_LLM_GGUF)")
+    llm_base_url: str = option("", doc="openai: the endpoint's base URL (else EDGEPRUNE_LLM_BASE_URL)")
+    llm_model: str = option("", doc="openai: the model name (else EDGEPRUNE_LLM_MODEL)")
+    llm_temperature: float = option(0.7, lo=0.0, hi=2.0, doc="sampling temperature of the LLM")
+    llm_max_tokens: int = option(2048, lo=1, doc="llama-cpp: tokens per reply at most")
+    llm_timeout: float = option(120.0, lo=0.1, doc="openai: HTTP timeout per reply, seconds")
 
 
 class ProposalBackend:
@@ -196,26 +217,27 @@ class OpenAIBackend(LLMBackend):
 
 def make_backend(opts: dict, seed: int = 0, model_desc: str = "a LLaMA-family decoder") -> ProposalBackend:
     """``backend`` = auto (llama-cpp if a GGUF is configured, else openai if a base URL is, else ga) | ga |
-    llama-cpp | openai."""
-    ga = GABackend(crossover=opts.get("crossover", "uniform"), mutation_sigma=float(opts.get("mutation_sigma", 0.05)),
-                   init_sigma=float(opts.get("init_sigma", 0.1)), seed_uniform=bool(opts.get("seed_uniform", True)))
-    gguf = opts.get("llm_gguf") or os.environ.get("EDGEPRUNE_LLM_GGUF")
-    url = opts.get("llm_base_url") or os.environ.get("EDGEPRUNE_LLM_BASE_URL")
-    kind = opts.get("backend", "auto")
+    llama-cpp | openai; ``opts``: the raw ``--opt`` dict (its :class:`BackendOptions` keys are read, checked)."""
+    o = BackendOptions.parse(opts)
+    ga = GABackend(crossover=o.crossover, mutation_sigma=o.mutation_sigma, init_sigma=o.init_sigma,
+                   seed_uniform=o.seed_uniform)
+    gguf = o.llm_gguf or os.environ.get("EDGEPRUNE_LLM_GGUF")
+    url = o.llm_base_url or os.environ.get("EDGEPRUNE_LLM_BASE_URL")
+    kind = o.backend
     if kind == "auto":
         kind = "llama-cpp" if gguf else "openai" if url else "ga"
-    temp = float(opts.get("llm_temperature", 0.7))
+    temp = o.llm_temperature
     if kind == "ga":
         return ga
     if kind == "llama-cpp":
         if not gguf:
             raise ValueError("backend llama-cpp needs --opt llm_gguf=PATH or EDGEPRUNE_LLM_GGUF")
-        return LlamaCppBackend(gguf, temperature=temp, max_tokens=int(opts.get("llm_max_tokens", 2048)), seed=seed,
+        return LlamaCppBackend(gguf, temperature=temp, max_tokens=o.llm_max_tokens, seed=seed,
                                fallback=ga, model_desc=model_desc)
     if kind == "openai":
-        model = opts.get("llm_model") or os.environ.get("EDGEPRUNE_LLM_MODEL")
+        model = o.llm_model or os.environ.get("EDGEPRUNE_LLM_MODEL")
         if not (url and model):
             raise ValueError("backend openai needs llm_base_url and llm_model (options or EDGEPRUNE_LLM_* env vars)")
-        return OpenAIBackend(url, model, temperature=temp, timeout=float(opts.get("llm_timeout", 120)), fallback=ga,
+        return OpenAIBackend(url, model, temperature=temp, timeout=o.llm_timeout, fallback=ga,
                              model_desc=model_desc)
     raise ValueError(f"self-pruner backend {kind} unknown; use auto, ga, llama-cpp or openai")

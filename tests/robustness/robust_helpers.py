@@ -171,6 +171,22 @@ def server(tmp_root: Path) -> ForkServer:
     return _SERVER
 
 
+def module_root(name: str):
+    """A module-scoped ``root`` fixture (``root = module_root("x")``): the module's temp folder, shared by its fork
+    server and cached models."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def root(tmp_path_factory):
+        return tmp_path_factory.mktemp(name)
+    return root
+
+
+def opt_args(opts: dict) -> list[str]:
+    """``--opt key=value`` arguments, one pair per entry of ``opts``."""
+    return [a for k, v in opts.items() for a in ("--opt", f"{k}={v}")]
+
+
 def cached_model(tmp_root: Path, name: str, build) -> Path:
     """Build a model directory once per pytest process."""
     if name not in _MODELS or not _MODELS[name].exists():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from robust_helpers import (NOBODY, cached_model, edit_config, error_line, listing, run_cli_subprocess, server,
-                            tiny_dir, tiny_with_ref_tokenizer, write_malicious_bin)
+from robust_helpers import (NOBODY, cached_model, edit_config, error_line, listing, module_root, run_cli_subprocess,
+                            server, tiny_dir, tiny_with_ref_tokenizer, write_malicious_bin)
 
 PRUNE = ["--method", "magnitude", "--ratio", "0.3", "--calib-samples", "4", "--calib-len", "16", "--quiet"]
 
@@ -307,9 +307,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("robust")
+root = module_root("robust")
 
 
 def _readonly_area(ctx: Ctx) -> tuple[Path, int | None]:
@@ -328,6 +326,14 @@ def _readonly_area(ctx: Ctx) -> tuple[Path, int | None]:
         os.chmod(f, f.stat().st_mode | (0o005 if f.is_dir() else 0o004))
     os.chmod(ctx.inp, ctx.inp.stat().st_mode | 0o005)
     return ro, NOBODY
+
+
+def run_case(case: Case, root: Path, ref: Path, tmp_path: Path) -> Ctx:
+    """``case`` in a fresh :class:`Ctx` under ``tmp_path``, through the module's fork server (:func:`check_case`);
+    returns the context (for a test's extra checks)."""
+    srv, ctx = server(root), Ctx(tmp_path / "w", root, ref)
+    check_case(case, ctx, lambda argv, **kw: srv.run(*argv, **kw))
+    return ctx
 
 
 def check_case(case: Case, ctx: Ctx, run) -> str:
@@ -359,9 +365,7 @@ def check_case(case: Case, ctx: Ctx, run) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, root, ref_model_dir, tmp_path):
-    srv = server(root)
-    ctx = Ctx(tmp_path / "w", root, ref_model_dir)
-    check_case(case, ctx, lambda argv, **kw: srv.run(*argv, **kw))
+    run_case(case, root, ref_model_dir, tmp_path)
 
 
 FRESH = ("model-missing", "truncated-safetensors", "profile-yaml-python-tag", "plan-budget-unmeetable",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from robust_helpers import cached_model, edit_config, server
-from test_bad_input import PRUNE, Case, Ctx, check_case
+from robust_helpers import cached_model, edit_config, module_root
+from test_bad_input import PRUNE, Case, Ctx, run_case
 
 C = Case
 
@@ -83,16 +83,12 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("validator")
+root = module_root("validator")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_validator(case, root, ref_model_dir, tmp_path):
-    srv = server(root)
-    ctx = Ctx(tmp_path / "w", root, ref_model_dir)
-    check_case(case, ctx, lambda argv, **kw: srv.run(*argv, **kw))
+    run_case(case, root, ref_model_dir, tmp_path)
 
 
 def test_every_field_in_the_table_is_checked():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from robust_helpers import cached_model, error_line, listing, run_cli_subprocess, server, tiny_dir
-from test_bad_input import PRUNE, Case, Ctx, check_case
+from robust_helpers import cached_model, error_line, listing, module_root, run_cli_subprocess, server, tiny_dir
+from test_bad_input import PRUNE, Case, Ctx, run_case
 
 C = Case
 
@@ -86,16 +86,12 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("guard")
+root = module_root("guard")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_guard(case, root, ref_model_dir, tmp_path):
-    srv = server(root)
-    ctx = Ctx(tmp_path / "w", root, ref_model_dir)
-    check_case(case, ctx, lambda argv, **kw: srv.run(*argv, **kw))
+    ctx = run_case(case, root, ref_model_dir, tmp_path)
     notes = ctx.work / "anc" / "notes.txt"
     if notes.parent.exists():
         assert notes.read_text() == "user data"

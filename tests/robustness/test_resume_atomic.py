@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from robust_helpers import QUIET_THREADS, ROOT, cached_model, error_line, server, temp_siblings, tiny_dir, tiny_with_ref_tokenizer
+from robust_helpers import (QUIET_THREADS, ROOT, cached_model, error_line, opt_args, server, temp_siblings, tiny_dir,
+                            tiny_with_ref_tokenizer)
 
 SEED = 8   # issue 8
 
@@ -147,10 +148,8 @@ def test_self_pruner_search_resumes_from_its_log(root, tmp_path):
     def argv(out, log):
         a = ["prune", model, "--method", "magnitude", "--allocation", "self-pruner", "--ratio", "0.4",
              "--calib-samples", "4", "--calib-len", "16", "--quiet", "--out", out]
-        for k, v in {"backend": "ga", "population": 8, "n_crossover": 4, "n_mutation": 4, "generations": 6,
-                     "fitness_samples": 4, "fitness_len": 32, "fitness_source": str(text), "log": str(log)}.items():
-            a += ["--opt", f"{k}={v}"]
-        return a
+        return a + opt_args({"backend": "ga", "population": 8, "n_crossover": 4, "n_mutation": 4, "generations": 6,
+                             "fitness_samples": 4, "fitness_len": 32, "fitness_source": str(text), "log": str(log)})
 
     r = server(root).run(*argv(tmp_path / "a", tmp_path / "a.jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]

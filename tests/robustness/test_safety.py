@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from robust_helpers import (ROOT, cached_model, edit_config, error_line, server, tiny_dir, tiny_with_ref_tokenizer,
+from robust_helpers import (ROOT, cached_model, edit_config, error_line, opt_args, server, tiny_dir, tiny_with_ref_tokenizer,
                             write_malicious_bin)
 
 
@@ -206,8 +206,7 @@ def test_self_pruner_survives_a_bad_llm_and_never_leaks_the_key(mode, llm_server
             "fitness_samples": 2, "fitness_len": 16, "fitness_source": str(text), "log": str(log)}
     argv = ["prune", tiny, "--method", "magnitude", "--allocation", "self-pruner", "--ratio", "0.3",
             "--calib-samples", "4", "--calib-len", "16", "--out", out]
-    for k, v in opts.items():
-        argv += ["--opt", f"{k}={v}"]
+    argv += opt_args(opts)
     r = server(root).run(*argv, env={"EDGEPRUNE_LLM_API_KEY": SENTINEL, "OPENAI_API_KEY": None})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
