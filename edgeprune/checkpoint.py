@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .device import mem_available
+from .procmem import mem_available
 from .errors import EdgepruneError
 from .models import read_config, resolve_dir
 

@@ -1,10 +1,7 @@
-"""Where computation runs and what it costs in memory: device resolution and placement, the process's peak RSS,
-available RAM, and handing freed heap memory back to the OS. One home for each of these helpers."""
+"""Where computation runs: device resolution and placement (the process's memory is :mod:`edgeprune.procmem`)."""
 from __future__ import annotations
 
 import json
-import resource
-from pathlib import Path
 
 import torch
 
@@ -51,39 +48,3 @@ def to_cpu(model) -> None:
 
 def on_cpu(model) -> bool:
     return all(p.device.type == "cpu" for p in model.parameters())
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process image in MiB: ``VmHWM`` (reset by exec; ``ru_maxrss`` is not, so a child forked
-    from a big parent would report the parent's peak), ``ru_maxrss`` where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def mem_available() -> int:
-    """Bytes of RAM available to a new allocation (``MemAvailable``; psutil elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def trim() -> None:
-    """Give freed heap memory back to the OS (glibc keeps freed mid-size blocks, which would grow the RSS layer
-    after layer); a no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

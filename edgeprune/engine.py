@@ -55,7 +55,7 @@ from torch import nn
 from .allocation import AllocOptions, allocate, per_layer_ratios
 from .allocation.base import per_layer_plan
 from .calibrate import Collector, LayerStats, calibrate_layer, layer_forward
-from .device import trim
+from .procmem import trim
 from .errors import EdgepruneError
 from .groups import LayerGroups, Plan
 from .layer_io import ResidentSink, ResidentSource

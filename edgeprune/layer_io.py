@@ -23,7 +23,8 @@ from torch import nn
 
 from .calibrate import layer0_inputs
 from .checkpoint import Checkpoint, ShardWriter, layer_tensors
-from .device import to_cpu, trim
+from .device import to_cpu
+from .procmem import trim
 from .errors import EdgepruneError
 from .groups import model_groups
 from .models import DTYPES, copy_tokenizer, decoder_layers, meta_model, pruned_config, rebuild_buffers, save

@@ -15,7 +15,8 @@ from . import __version__
 from .allocation import AllocOptions, allocate, check_allocation
 from .checkpoint import should_stream
 from .data import calibration_ids
-from .device import peak_rss_mb, place, resolve_device
+from .device import place, resolve_device
+from .procmem import peak_rss_mb
 from . import engine
 from .engine import EngineConfig, EngineResult, run, to_cpu_scores
 from .errors import EdgepruneError

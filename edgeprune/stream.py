@@ -9,7 +9,7 @@ Peak memory ≈ embeddings (+ head for block-loss methods) + one layer + the cal
 ``[N, L, H]`` + one layer's forward. Nothing else scales with a weight matrix: scorers and the statistics hooks
 reduce in float64 one block of rows/columns at a time (:func:`edgeprune.numerics.per_channel`, ≈ 8 MB blocks),
 and surgery swaps in one kept matrix at a time before the pruned layer is written; freed heap memory is handed
-back to the OS (:func:`edgeprune.device.trim`) after each layer's forward, scoring and write.
+back to the OS (:func:`edgeprune.procmem.trim`) after each layer's forward, scoring and write.
 
 Options: ``stream_propagate`` — ``dense`` (default: what the in-memory path does, so layer-scope methods give
 bit-identical results) or ``pruned`` (sequential: later layers are calibrated on the pruned layers' outputs);

@@ -206,14 +206,25 @@ def validate(artifact: str | Path, transport: Transport, prompt: int = 128, gen:
     return _validate_on_device(artifact, transport, prompt, gen, threads, llama_bench)
 
 
+def _run_checked(transport: Transport, cmd: str, what: str) -> tuple[str, str]:
+    """(stdout, stderr) of ``cmd`` on the device; a non-zero exit raises one line with the last line of stderr."""
+    rc, out, err = transport.run(cmd)
+    if rc:
+        raise EdgepruneError(f"{what} failed on {transport.device} (exit {rc}): "
+                             f"{err.strip().splitlines()[-1] if err.strip() else 'no output'}")
+    return out, err
+
+
+def _last_json(out: str) -> dict:
+    """The last JSON line of a benchmark's stdout (``exporters.speed`` prints one)."""
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
 def _validate_local(artifact: Path, transport: "LocalTransport", prompt: int, gen: int, threads: int) -> DeviceResult:
     remote = transport.push(artifact)
     cmd = (f"{shlex.quote(sys.executable)} -m exporters.speed {shlex.quote(remote)} --threads {threads} "
            f"--prompt {prompt} --gen {gen} --repeats 3")
-    rc, out, err = transport.run(cmd)
-    if rc:
-        raise EdgepruneError(f"benchmark failed on {transport.device}: {err.strip().splitlines()[-1] if err else rc}")
-    d = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
+    d = _last_json(_run_checked(transport, cmd, "benchmark")[0])
     return DeviceResult(transport.name, transport.device, d["prefill_tps"], d["decode_tps"], d["peak_rss_mb"], cmd)
 
 
@@ -267,14 +278,18 @@ def _check_space(transport: Transport, work: str, need_mb: float) -> None:
                              "another folder with --device-dir")
 
 
+SPEED_BUNDLE = {"exporters": ("__init__.py", "runtimes.py", "speed.py"),
+                "edgeprune": ("__init__.py", "errors.py", "procmem.py")}   # all torch-free
+
+
 def _speed_bundle(tmp: Path) -> Path:
-    """exporters/{__init__,runtimes,speed}.py: what ``python3 -m exporters.speed`` needs on a device."""
-    pkg = tmp / "bench" / "exporters"
-    pkg.mkdir(parents=True)
-    here = Path(__file__).resolve().parent
-    for f in ("__init__.py", "runtimes.py", "speed.py"):
-        shutil.copy2(here / f, pkg / f)
-    return pkg.parent
+    """:data:`SPEED_BUNDLE`: what ``python3 -m exporters.speed`` needs on a device (numpy and the runtime besides)."""
+    root = Path(__file__).resolve().parent.parent
+    for pkg, files in SPEED_BUNDLE.items():
+        (tmp / "bench" / pkg).mkdir(parents=True)
+        for f in files:
+            shutil.copy2(root / pkg / f, tmp / "bench" / pkg / f)
+    return tmp / "bench"
 
 
 def _validate_on_device(artifact: Path, transport: Transport, prompt: int, gen: int, threads: int,
@@ -291,19 +306,12 @@ def _validate_on_device(artifact: Path, transport: Transport, prompt: int, gen: 
                 transport.push(_speed_bundle(Path(tmp)), work)
             cmd = (f"cd {shlex.quote(work)}/bench && python3 -m exporters.speed {shlex.quote(remote)} "
                    f"--threads {threads} --prompt {prompt} --gen {gen} --repeats 3")
-            rc, out, err = transport.run(cmd)
-            if rc:
-                raise EdgepruneError(f"benchmark failed on {transport.device} (exit {rc}): "
-                                     f"{err.strip().splitlines()[-1] if err.strip() else 'no output'}")
-            d = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+            d = _last_json(_run_checked(transport, cmd, "benchmark")[0])
             return DeviceResult(transport.name, transport.device, d["prefill_tps"], d["decode_tps"], d["peak_rss_mb"],
                                 cmd, basis="measured on device (llama-cpp-python; no llama-bench there)")
         cmd = (f"(command -v /usr/bin/time >/dev/null && /usr/bin/time -v {llama_bench} || {llama_bench}) "
                f"-m {shlex.quote(remote)} -p {prompt} -n {gen} -t {threads} -o json")
-        rc, out, err = transport.run(cmd)
-        if rc:
-            raise EdgepruneError(f"llama-bench failed on {transport.device} (exit {rc}): "
-                                 f"{err.strip().splitlines()[-1] if err.strip() else 'no output'}")
+        out, err = _run_checked(transport, cmd, "llama-bench")
         pp, tg = parse_llama_bench(out)
         return DeviceResult(transport.name, transport.device, pp, tg, parse_time_v(err), cmd)
     finally:

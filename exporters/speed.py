@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from edgeprune.procmem import peak_rss_mb   # torch-free: the child must hold the runtime alone
 
 
 @dataclass
@@ -43,26 +44,13 @@ class Speed:
     decode_tps_best: float = 0.0
 
 
-def _rss_mb() -> float:
-    """Peak RSS of this process image: VmHWM (reset by exec; ``ru_maxrss`` is not, so a child forked from a big
-    parent would report the parent's peak). Not :func:`edgeprune.device.peak_rss_mb`: that module imports torch,
-    and the measuring child must hold the runtime alone (torch would add ~240 MB to every measured peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, repeats: int = 3,
             n_ctx: int | None = None) -> Speed:
     import numpy as np
 
     from exporters.runtimes import LlamaCppRuntime, OrtRuntime, artifact_bytes
 
-    base = _rss_mb()
+    base = peak_rss_mb()
     t = time.perf_counter()
     p = Path(artifact)
     if p.suffix == ".gguf":
@@ -87,8 +75,9 @@ def measure(artifact: str, threads: int = 1, prompt: int = 128, gen: int = 32, r
             tok = int(rt.step(tok).argmax())
         dec.append(time.perf_counter() - t)
     tp, td = statistics.median(pre), statistics.median(dec)
-    return Speed(round(load_s, 4), round(prompt / tp, 2), round(gen / td, 2), round(1000 * tp, 2), round(_rss_mb(), 1),
-                 round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen, repeats, rt.kind,
+    return Speed(round(load_s, 4), round(prompt / tp, 2), round(gen / td, 2), round(1000 * tp, 2),
+                 round(peak_rss_mb(), 1), round(base, 1), round(artifact_bytes(p) / 1e6, 3), threads, prompt, gen,
+                 repeats, rt.kind,
                  n_ctx=n_ctx or 0, kv_tokens=prompt + gen // 2, prefill_tps_best=round(prompt / min(pre), 2),
                  decode_tps_best=round(gen / min(dec), 2))
 

@@ -41,19 +41,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def _hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(kind: str, a) -> dict:
     import torch
 
     from edgeprune.engine import score
     from edgeprune.importance import Context, get_method
     from edgeprune.importance.mini_llm import lm_loss
+    from edgeprune.procmem import peak_rss_mb
     from edgeprune.testing import shaped_model
 
     torch.manual_seed(0)
@@ -81,7 +75,7 @@ def child(kind: str, a) -> dict:
         score(get_method(kind), model, ctx)
     wall = time.time() - t
     return {"kind": kind, "rss_after_load_mb": round(rss_load, 1),
-            "peak_rss_mb": round(_hwm_mb(), 1) if reset else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1) if reset else None,
             "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "score_s": round(wall, 2), "grads_allocated": any(p.grad is not None for p in model.parameters())}
 

@@ -1,5 +1,5 @@
-"""Module structure: no import cycles between the project's modules, no private name imported across modules, and no
-function outside tests longer than 80 lines.
+"""Module structure: no import cycles between the project's modules, no private name imported across modules, no
+function outside tests longer than 80 lines, and a measuring child (exporters.speed) that imports no torch.
 
 The graph is read from the source (``ast``), so imports inside functions count as well: a cycle hidden behind a
 lazy import is still a cycle. An edge ``a -> b`` exists when module ``a`` imports module ``b`` or a name from it
@@ -117,3 +117,28 @@ def test_no_long_functions_outside_tests():
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80:
                     long.append(f"{f.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
     assert long == []
+
+
+def test_speed_child_and_procmem_import_no_torch(tmp_path):
+    """The measuring child (``python -m exporters.speed``) must hold the runtime alone: the files pushed to a
+    device for it (``exporters.remote.SPEED_BUNDLE``) import, in a fresh interpreter that sees nothing else of
+    the project, without torch or transformers (torch alone adds ~240 MB to every measured peak), and the
+    peak-RSS reader they share with the engine (``edgeprune.procmem``) is the bundle's own copy."""
+    import os
+    import subprocess
+    import sys
+
+    from exporters.remote import _speed_bundle
+
+    bench = _speed_bundle(tmp_path)
+    code = ("import sys, exporters.speed, exporters.runtimes, llama_cpp, onnxruntime, edgeprune.procmem as m\n"
+            "assert m.peak_rss_mb() > 0 and m.mem_available() > 0\n"
+            "print(m.__file__)\n"
+            "print(sorted({x.split('.')[0] for x in sys.modules} & {'torch', 'transformers'}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=bench, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-800:]
+    where, heavy = r.stdout.splitlines()[-2:]
+    assert where == str(bench / "edgeprune" / "procmem.py")
+    assert heavy == "[]"

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..device import peak_rss_mb
+from ..procmem import peak_rss_mb
 from ..errors import EdgepruneError
 from ..models import read_config, check_model_dir, decoder_layers, head_dim, layer_shapes, load, load_tokenizer, save
 from ..paths import MARKER, atomic_file, check_output_dir, guard_output, mark_ours, remove_stale_temps
