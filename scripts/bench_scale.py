@@ -46,13 +46,6 @@ EVAL_CHUNKS, EVAL_LEN = 2, 128
 
 
 # ------------------------------------------------------------------------------------------------ child jobs
-def vmhwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def dir_bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file())
 
@@ -175,9 +168,11 @@ JOBS = {"create": job_create, "prune": job_prune, "ppl": job_ppl, "fwd": job_fwd
 
 
 def child(spec: dict) -> None:
+    from edgeprune.procmem import peak_rss_mb
+
     t = time.time()
     res = JOBS[spec["kind"]](spec)
-    res.update({"wall_s": round(time.time() - t, 1), "peak_rss_mb": round(vmhwm_mb(), 1)})
+    res.update({"wall_s": round(time.time() - t, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -191,20 +186,51 @@ def machine() -> dict:
             "load_avg_at_start": os.getloadavg(), "python": platform.python_version()}
 
 
+def commit() -> str | None:
+    r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
 class Bench:
+    """The results file: ``runs`` (command, machine, commit of each invocation), ``steps`` (the latest figure of
+    each step, tagged with its run) and ``replaced`` (the figures a later run replaced: the denominators of the
+    new/old ratios in the Markdown)."""
+
     def __init__(self, work: Path, out_json: Path, out_md: Path):
         self.work, self.out_json, self.out_md = work, out_json, out_md
-        self.data = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                     "machine": machine(), "calibration": CALIB, "method_options": METHOD_OPTS,
+        self.data = {"runs": [], "calibration": CALIB, "method_options": METHOD_OPTS,
                      "protocol": "each step in a fresh child process; peak_rss_mb = VmHWM of that child "
                                  "(/proc/self/status); wall_s = the child's own wall time",
-                     "steps": []}
-        if out_json.exists():   # keep the other part's results when running one part
+                     "steps": [], "replaced": []}
+        if out_json.exists():   # keep the earlier runs' results; a step run again replaces its row
             old = json.loads(out_json.read_text())
-            self.data["steps"] = [s for s in old.get("steps", [])]
+            self.data.update({k: old.get(k, []) for k in ("runs", "steps", "replaced")})
+            if "runs" not in old:   # a file from before runs were recorded: one run
+                self.data["runs"] = [{"command": old["command"], "machine": old["machine"], "commit": None}]
+                self.data["steps"] = [{**s, "run": 0} for s in self.data["steps"]]
+        self.run_id = None
+
+    def start(self, command: str, mach: dict, rev: str | None) -> None:
+        self.data["runs"].append({"command": command, "machine": mach, "commit": rev})
+        self.run_id = len(self.data["runs"]) - 1
+
+    def record(self, res: dict) -> None:
+        old = [s for s in self.data["steps"] if s["name"] == res["name"]]
+        self.data["replaced"] = [s for s in self.data["replaced"] if s["name"] != res["name"]] + \
+            [s for s in old if s["run"] != self.run_id]
+        new, steps = {**res, "run": self.run_id}, self.data["steps"]
+        at = next((k for k, s in enumerate(steps) if s["name"] == res["name"]), len(steps))
+        self.data["steps"] = steps[:at] + [new] + [s for s in steps[at:] if s["name"] != res["name"]]
+        self.write()
+
+    def absorb(self, other: dict, rev: str | None) -> None:
+        """Take the steps of another results file (one run, written elsewhere) as a new run of this one."""
+        r = other["runs"][-1] if other.get("runs") else other
+        self.start(r["command"], r["machine"], rev or r.get("commit"))
+        for s in other["steps"]:
+            self.record({k: v for k, v in s.items() if k != "run"})
 
     def run(self, name: str, spec: dict, part: str) -> dict:
-        self.data["steps"] = [s for s in self.data["steps"] if s["name"] != name]
         print(f"[bench_scale] {name} ...", flush=True)
         t = time.time()
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -215,8 +241,7 @@ class Bench:
         res.update({"name": name, "part": part, "spec": {k: v for k, v in spec.items() if k not in ("out",)},
                     "outer_s": round(time.time() - t, 1)})
         print(f"[bench_scale] {name}: {json.dumps({k: v for k, v in res.items() if k != 'spec'})}", flush=True)
-        self.data["steps"].append(res)
-        self.write()
+        self.record(res)
         return res
 
     def write(self) -> None:
@@ -224,35 +249,51 @@ class Bench:
         self.out_md.write_text(render_md(self.data))
 
 
-def render_md(d: dict) -> str:
-    m = d["machine"]
+def _gib(s: dict | None) -> str:
+    return f"{s['peak_rss_mb'] / 1024:.2f} GiB" if s and "peak_rss_mb" in s else "–"
+
+
+def _secs(s: dict | None) -> str:
+    return f"{s['wall_s']:.0f} s" if s and "wall_s" in s else "–"
+
+
+def _ratio(new: dict, old: dict | None, key: str) -> str:
+    return f"{new[key] / old[key]:.3f}" if old and key in old and key in new else "–"
+
+
+def _run_line(k: int, r: dict) -> str:
+    m, rev = r["machine"], f" (commit {r['commit']})" if r.get("commit") else ""
+    return (f"Run {k}: `{r['command']}`{rev}; "
+            f"{m['cpu']}, {m['cores']} cores (shared with other jobs; load average at start "
+            f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}), {m['ram_gib']} GiB RAM, CPU only.  ")
+
+
+def _part_table(d: dict, part: str) -> list[str]:
+    """One part's steps; where a later run replaced a step, the replaced figures and the new/old ratios."""
+    rows = [s for s in d["steps"] if s["part"] == part]
+    old = {s["name"]: s for s in d.get("replaced", []) if s["part"] == part}
+    cols = "| step | run | peak RSS | wall | output size | result |"
+    if old:
+        cols += " replaced: run, peak RSS, wall | peak new/old | wall new/old |"
+    lines = [cols, "|" + "---|" * (cols.count("|") - 1)]
+    for s in rows:
+        res = s.get("error") or ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()
+            if k in ("ppl", "ppl_calib", "achieved_ratio", "identical_tensors", "same_per_layer_shapes"))
+        gb = f"{s['bytes'] / 1e9:.2f} GB" if isinstance(s.get("bytes"), (int, float)) else "–"
+        line = f"| {s['name']} | {s['run']} | {_gib(s)} | {_secs(s)} | {gb} | {res} |"
+        if old:
+            o = old.get(s["name"])
+            line += (f" {o['run']}, {_gib(o)}, {_secs(o)} |" if o else " – |") + \
+                f" {_ratio(s, o, 'peak_rss_mb')} | {_ratio(s, o, 'wall_s')} |"
+        lines.append(line)
+    return lines + [""]
+
+
+def _summary(d: dict) -> list[str]:
     st = {s["name"]: s for s in d["steps"]}
-    gb = lambda b: f"{b / 1e9:.2f} GB" if isinstance(b, (int, float)) else "–"
-    rss = lambda s: f"{s['peak_rss_mb'] / 1024:.2f} GiB" if s and "peak_rss_mb" in s else "–"
-    wall = lambda s: f"{s['wall_s']:.0f} s" if s and "wall_s" in s else "–"
-    lines = ["# Scale benchmark: layer streaming", "",
-             f"Command: `{d['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs; load "
-             f"average at start {', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}), {m['ram_gib']} GiB RAM, "
-             "CPU only (no GPU lent to this task).  ",
-             f"Calibration: {d['calibration']['calib_samples']} × {d['calibration']['calib_len']} tokens of "
-             f"{d['calibration']['calib']} (seed {d['calibration']['seed']}), LLaMA SentencePiece tokenizer "
-             "(32000 pieces). Ratio 20 % of non-embedding parameters, each method's default allocation (uniform).  ",
-             f"Method options: `{json.dumps(d['method_options'])}`.  ",
-             f"Protocol: {d['protocol']}. Models are random (bf16, N(0, 0.02) weights) with the public shapes; "
-             "their perplexities only show the outputs load and run (finite), not quality.", ""]
-    for part, title in (("7b", "LLaMA-7B shape (32 layers × 4096, ffn 11008, vocab 32000), streamed"),
-                        ("1b", "LLaMA-3.2-1B shape (16 layers × 2048, ffn 8192, vocab 128256, tied)")):
-        rows = [s for s in d["steps"] if s["part"] == part]
-        if not rows:
-            continue
-        lines += [f"## {title}", "", "| step | peak RSS | wall | output size | result |", "|---|---|---|---|---|"]
-        for s in rows:
-            res = s.get("error") or ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()
-                if k in ("ppl", "ppl_calib", "achieved_ratio", "identical_tensors", "same_per_layer_shapes"))
-            lines.append(f"| {s['name']} | {rss(s)} | {wall(s)} | {gb(s.get('bytes'))} | {res} |")
-        lines.append("")
     fwd, mini = st.get("7b fwd-only (streamed LM loss)"), st.get("7b prune mini-llm --stream")
+    lines = []
     if fwd and mini and "peak_rss_mb" in fwd and "peak_rss_mb" in mini:
         r = mini["peak_rss_mb"] / fwd["peak_rss_mb"]
         lines += [f"MINI-LLM streamed prune peak RSS (the whole `prune --stream`: scoring, surgery and writing) / "
@@ -266,12 +307,29 @@ def render_md(d: dict) -> str:
     if p7 and all("peak_rss_mb" in s for s in p7):
         mx = max(s["peak_rss_mb"] for s in p7)
         lines += [f"7B-shaped pruning peak RSS (max over methods): **{mx / 1024:.2f} GiB** (acceptance ≤ 4 GB).", ""]
+    return lines
+
+
+def render_md(d: dict) -> str:
+    c = d["calibration"]
+    lines = ["# Scale benchmark: layer streaming", ""] + [_run_line(k, r) for k, r in enumerate(d["runs"])] + [
+        f"Calibration: {c['calib_samples']} × {c['calib_len']} tokens of {c['calib']} (seed {c['seed']}), LLaMA "
+        "SentencePiece tokenizer (32000 pieces). Ratio 20 % of non-embedding parameters, each method's default "
+        "allocation (uniform).  ", f"Method options: `{json.dumps(d['method_options'])}`.  ",
+        f"Protocol: {d['protocol']}. Models are random (bf16, N(0, 0.02) weights) with the public shapes; "
+        "their perplexities only show the outputs load and run (finite), not quality. The `run` column names the "
+        "run (above) that measured the row.", ""]
+    for part, title in (("7b", "LLaMA-7B shape (32 layers × 4096, ffn 11008, vocab 32000), streamed"),
+                        ("1b", "LLaMA-3.2-1B shape (16 layers × 2048, ffn 8192, vocab 128256, tied)")):
+        if any(s["part"] == part for s in d["steps"]):
+            lines += [f"## {title}", ""] + _part_table(d, part)
+    lines += _summary(d)
     lines += ["Notes: streamed outputs are sharded (`model.safetensors.index.json`); the 7B outputs are evaluated "
               "with the streamed forward (a fully loaded pruned 7B would need ≈11 GB in bf16) and deleted after. "
               "Under streaming MINI-LLM's SPSA loss is block-local (logit lens of the layer output, see "
-              "`edgeprune/stream.py`), so its 1B streamed/non-streamed outputs differ by design; the gradient-free "
-              "methods must be identical.", ""]
-    return "\n".join(lines)
+              "docs/methods.md, \"Streaming\"), so its 1B streamed/non-streamed outputs differ by design; the "
+              "gradient-free methods must be identical.", ""]
+    return "\n".join(lines + d.get("notes_md", []))
 
 
 def main() -> int:
@@ -284,6 +342,10 @@ def main() -> int:
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "scale.json"),
                     help="results file (steps already in it are kept and replaced by name); the .md is written beside")
     ap.add_argument("--keep", action="store_true", help="keep the random models afterwards")
+    ap.add_argument("--absorb", default=None, metavar="JSON",
+                    help="run nothing: add the steps of another results file (one run, e.g. made from a snapshot "
+                         "of the tree with --json elsewhere) to --json as a new run; replaced steps give new/old")
+    ap.add_argument("--commit", default=None, help="with --absorb: the commit the absorbed run measured")
     a = ap.parse_args()
     if a.child:
         child(json.loads(a.child))
@@ -291,9 +353,13 @@ def main() -> int:
     work = Path(a.work).resolve()
     if REPO in work.parents or work == REPO:
         raise SystemExit("--work must be outside the repository")
-    work.mkdir(parents=True, exist_ok=True)
     js = Path(a.json).resolve()
     b = Bench(work, js, js.with_suffix(".md"))
+    if a.absorb:
+        b.absorb(json.loads(Path(a.absorb).read_text()), a.commit)
+        return 0
+    work.mkdir(parents=True, exist_ok=True)
+    b.start("python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), machine(), commit())
     methods = a.methods.split(",")
     if a.only in (None, "1b"):
         dense = work / "llama-3.2-1b-shape"
