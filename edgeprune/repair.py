@@ -20,10 +20,14 @@ the dense model runs alongside on its own inputs (the *dense stream*). ``target`
   also pulls the residual stream itself back toward the dense model's [R: our extension; measured in
   benchmarks/quality.md].
 
-Without ``sequential`` every layer is repaired on the dense stream (like FLAP's bias compensation). Both
-streams' hidden states are kept (``2·N·L·H`` floats); projection inputs are never stored, only the Gram
-statistics (:class:`~edgeprune.reconstruct.Gram`), so the dense layer (a copy kept while the layer is repaired)
-runs next to the pruned one in each stage.
+Without ``sequential`` every layer is repaired on the dense stream (like FLAP's bias compensation).
+
+Memory: no copy of the layer is kept. The dense stream runs through the layer while it is still dense (in the
+``o_proj`` stage, which also records the dense stream's post-attention residuals ``h_dense'`` and the layer's
+dense outputs); the ``down_proj`` targets come from the still dense MLP applied to ``h_dense'``. So the calibration
+hidden states held are ``hs``, ``hs_dense``, ``h_dense'`` and the dense outputs: ``4·N·L·H`` values in the compute
+dtype (N rows of L tokens, hidden size H). Projection inputs are never stored, only the refit statistics of the
+kept columns (:class:`~edgeprune.reconstruct.RefitStats`, bounded as documented in :mod:`edgeprune.reconstruct`).
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .procmem import trim
 from .groups import LayerGroups, kv_index, q_index
-from .reconstruct import DAMP, MODES, Gram, reconstruct
+from .reconstruct import DAMP, MODES, RefitStats, reconstruct
 from .surgery import take_linear
 from .typed_options import TypedOptions, option
 
@@ -89,76 +94,107 @@ def _forward(layer, hs, kwargs):
     return [layer_forward(layer, h, kwargs) for h in hs]
 
 
-def _gram(layer, proj, hs: list[torch.Tensor], kwargs: dict, dense=None, hs_dense=None, resid=None) -> Gram:
-    """Gram statistics of ``proj``'s inputs over ``hs`` (through ``layer``). With ``dense`` (the dense layer) and
-    ``hs_dense``, the dense projection inputs on the dense stream are the target inputs, batch by batch; with
-    ``resid`` also the residual-stream error ``h_dense − h`` at the projection's output, which the refit then
-    absorbs: ``resid = "input"`` for o_proj (the layer's input hidden states), or a function giving the module
-    whose input is that residual stream (``post_attention_layernorm`` for down_proj)."""
-    from .calibrate import layer_forward
-
-    g, cur = Gram(), {}
-    pre = lambda key: (lambda _m, args: cur.__setitem__(key, args[0].detach()))
-    hooks = [proj(layer).register_forward_pre_hook(pre("x"))]
-    if dense is not None:
-        hooks.append(proj(dense).register_forward_pre_hook(pre("t")))
-        if callable(resid):
-            hooks += [resid(layer).register_forward_pre_hook(pre("h")),
-                      resid(dense).register_forward_pre_hook(pre("hd"))]
+def _run(fn, h: torch.Tensor, mods: dict) -> tuple[torch.Tensor, dict]:
+    """``fn(h)`` with the inputs of the modules ``mods`` (name -> module) captured for this call only."""
+    cap = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, k=k: cap.__setitem__(k, args[0].detach()))
+             for k, m in mods.items()]
     try:
-        for b, h in enumerate(hs):
-            layer_forward(layer, h, kwargs)
-            r = None
-            if dense is not None:
-                layer_forward(dense, hs_dense[b], kwargs)
-                r = (hs_dense[b] - h) if resid == "input" else (cur["hd"] - cur["h"]) if callable(resid) else None
-            g.update(cur["x"], cur.get("t"), r)
+        out = fn(h)
     finally:
         for hd in hooks:
             hd.remove()
-    return g
+    return out, cap
+
+
+def _attn_stats(layer, qi, hs, kwargs, opts: RepairOptions, hs_dense) -> tuple[RefitStats | None, list, list]:
+    """The o_proj refit statistics over the calibration batches (the layer still dense) and, with a dense
+    stream, that stream's post-attention residuals and outputs (the dense layer's, computed on the spot)."""
+    from .calibrate import layer_forward
+
+    fwd = lambda h: layer_forward(layer, h, kwargs)
+    o, post = layer.self_attn.o_proj, layer.post_attention_layernorm
+    st = RefitStats(o.weight, qi, full=opts.mode == "obs") if qi is not None else None
+    hd, out_d = [], []
+    for b, h in enumerate(hs):
+        cx = _run(fwd, h, {"x": o})[1] if st is not None else None
+        t = r = None
+        if hs_dense is not None:
+            y, cd = _run(fwd, hs_dense[b], {"t": o, "post": post})
+            hd.append(cd["post"])
+            out_d.append(y)
+            t = cd["t"]
+            r = hs_dense[b] - h if opts.target == "resid" else None
+        if st is not None:
+            st.update(cx["x"], t, r)
+    return st, hd, out_d
+
+
+def _mlp_stats(layer, ch, hs, kwargs, opts: RepairOptions, hd) -> RefitStats:
+    """The down_proj refit statistics: inputs from the layer (attention already pruned and refitted) on ``hs``;
+    with a dense stream, targets from the (still dense) MLP on the dense post-attention residuals ``hd``."""
+    from .calibrate import layer_forward
+
+    fwd = lambda h: layer_forward(layer, h, kwargs)
+    down, post = layer.mlp.down_proj, layer.post_attention_layernorm
+    st = RefitStats(down.weight, ch, full=opts.mode == "obs")
+    for b, h in enumerate(hs):
+        cx = _run(fwd, h, {"x": down, "h": post})[1]
+        t = r = None
+        if hd:
+            t = _run(lambda z: layer.mlp(post(z)), hd[b], {"t": down})[1]["t"]
+            r = hd[b] - cx["h"] if opts.target == "resid" else None
+        st.update(cx["x"], t, r)
+    return st
 
 
 def _swap(lin, keep, r):
-    new = take_linear(lin, cols=keep, extra_bias=r.bias)
-    new.weight.data.copy_(r.weight)
-    return new
+    return take_linear(lin, cols=keep, extra_bias=r.bias, weight=r.weight)
+
+
+def _record(rep: LayerRepair, proj: str, r) -> None:
+    rep.modes[proj], rep.errors[proj], rep.errors_none[proj] = r.mode, r.error, r.error_none
 
 
 @torch.no_grad()
 def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Tensor, hs: list[torch.Tensor],
-                 kwargs: dict, opts: RepairOptions, dense=None, hs_dense: list[torch.Tensor] | None = None
-                 ) -> LayerRepair:
+                 kwargs: dict, opts: RepairOptions, hs_dense: list[torch.Tensor] | None = None
+                 ) -> tuple[LayerRepair, list | None]:
     """Prune ``layer`` in place to KV groups ``kv`` and channels ``ch``, refitting o_proj / down_proj on the
-    calibration inputs ``hs`` (with ``dense``/``hs_dense``: toward the dense layer's outputs on the dense stream).
-    ``dense`` must be an untouched copy of the layer when given."""
+    calibration inputs ``hs`` (with ``hs_dense``: toward the dense layer's outputs on the dense stream). Returns the
+    record and, with ``hs_dense``, the dense layer's outputs on it (computed before any surgery: no copy of the
+    layer is kept)."""
     rep = LayerRepair(i)
     a, m = layer.self_attn, layer.mlp
-    if kv.numel() != lg.n_kv:
-        qi, ki = q_index(lg, kv), kv_index(lg, kv)
-        g = _gram(layer, lambda l: l.self_attn.o_proj, hs, kwargs, dense, hs_dense,
-                  "input" if opts.target == "resid" else None) if opts.mode != "none" else Gram()
-        r = reconstruct(a.o_proj.weight.data, g, qi, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") \
-            if opts.mode != "none" else None
+    cut_attn, cut_mlp = kv.numel() != lg.n_kv, ch.numel() != lg.n_mlp
+    qi = q_index(lg, kv) if cut_attn else None
+    st, hd, out_d = None, [], None
+    if hs_dense is not None or (cut_attn and opts.mode != "none"):
+        st, hd, out_d = _attn_stats(layer, qi if opts.mode != "none" else None, hs, kwargs, opts, hs_dense)
+    if cut_attn:
+        ki = kv_index(lg, kv)
+        r = reconstruct(st, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") if st is not None else None
+        del st
+        trim()   # the refit statistics: back to the OS before the MLP's are built
         a.q_proj, a.k_proj, a.v_proj = take_linear(a.q_proj, rows=qi), take_linear(a.k_proj, rows=ki), take_linear(a.v_proj, rows=ki)
         a.o_proj = _swap(a.o_proj, qi, r) if r is not None else take_linear(a.o_proj, cols=qi)
         _set_heads(a, lg, kv.numel())
         if r is not None:
-            rep.modes["o_proj"], rep.errors["o_proj"], rep.errors_none["o_proj"] = r.mode, r.error, r.error_none
-        del g
-    if ch.numel() != lg.n_mlp:
-        g = _gram(layer, lambda l: l.mlp.down_proj, hs, kwargs, dense, hs_dense,
-                  (lambda l: l.post_attention_layernorm) if opts.target == "resid" else None) \
-            if opts.mode != "none" else Gram()
-        r = reconstruct(m.down_proj.weight.data, g, ch, opts.mode, opts.damp, opts.intercept, f"layer {i} down_proj") \
-            if opts.mode != "none" else None
+            _record(rep, "o_proj", r)
+        del r
+    if cut_mlp:
+        r = None
+        if opts.mode != "none":
+            r = reconstruct(_mlp_stats(layer, ch, hs, kwargs, opts, hd), opts.mode, opts.damp, opts.intercept,
+                            f"layer {i} down_proj")
         m.gate_proj, m.up_proj = take_linear(m.gate_proj, rows=ch), take_linear(m.up_proj, rows=ch)
         m.down_proj = _swap(m.down_proj, ch, r) if r is not None else take_linear(m.down_proj, cols=ch)
         m.intermediate_size = ch.numel()
         if r is not None:
-            rep.modes["down_proj"], rep.errors["down_proj"], rep.errors_none["down_proj"] = r.mode, r.error, r.error_none
-        del g
-    return rep
+            _record(rep, "down_proj", r)
+        del r
+        trim()
+    return rep, (out_d if hs_dense is not None else None)
 
 
 def _set_heads(a, lg: LayerGroups, n_kv: int) -> None:
@@ -190,18 +226,15 @@ def repair_step(i: int, layer, lg: LayerGroups, kv: list[int], ch: list[int], st
                 opts: RepairOptions) -> LayerRepair:
     """Prune and repair one layer in place and advance the calibration streams past it — the body of the layer
     loop, shared by the in-memory (:func:`prune_repaired`) and the streamed path."""
-    import copy
-
     kv_t, ch_t = torch.tensor(kv, dtype=torch.long), torch.tensor(ch, dtype=torch.long)
     if not opts.sequential:   # every layer sees the dense stream: its outputs before surgery go on
         nxt = _forward(layer, st.hs, st.kwargs)
-        rep = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts)
+        rep, _ = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts)
         st.hs = nxt
         return rep
-    dense = copy.deepcopy(layer) if st.hs_dense is not None else None
-    rep = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts, dense, st.hs_dense)
-    if dense is not None:
-        st.hs_dense = _forward(dense, st.hs_dense, st.kwargs)
+    rep, dense_out = repair_layer(i, layer, lg, kv_t, ch_t, st.hs, st.kwargs, opts, st.hs_dense)
+    if dense_out is not None:
+        st.hs_dense = dense_out
     st.hs = _forward(layer, st.hs, st.kwargs)
     return rep
 

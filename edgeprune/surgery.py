@@ -20,15 +20,19 @@ from .models import decoder_layers
 
 
 def take_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
-          extra_bias: torch.Tensor | None = None) -> nn.Linear:
+                extra_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> nn.Linear:
     """A new Linear holding ``W[rows]`` or ``W[:, cols]`` (and ``b[rows] (+ extra_bias)``). The kept weights are
     the only new allocation (no initialised weight to copy into): while the caller swaps it in, memory holds the
-    old matrix plus the kept part of it, once the old module is dropped only the kept part."""
+    old matrix plus the kept part of it, once the old module is dropped only the kept part. ``weight`` (e.g. a
+    refit of ``W[:, cols]``) is taken as the new matrix itself instead of the selection."""
     w = lin.weight.data
-    if rows is not None:
-        w = w.index_select(0, rows)
-    if cols is not None:
-        w = w.index_select(1, cols)
+    if weight is not None:
+        w = weight
+    else:
+        if rows is not None:
+            w = w.index_select(0, rows)
+        if cols is not None:
+            w = w.index_select(1, cols)
     b = lin.bias.data if lin.bias is not None else None
     if b is not None:
         b = b.index_select(0, rows) if rows is not None else b.clone()

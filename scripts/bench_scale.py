@@ -107,7 +107,7 @@ def job_prune(spec: dict) -> dict:
 
     cfg = PruneConfig(spec["method"], spec["ratio"], calib=CALIB["calib"], calib_samples=CALIB["calib_samples"],
                       calib_len=CALIB["calib_len"], seed=CALIB["seed"], options=dict(spec["options"]),
-                      stream=spec["stream"])
+                      stream=spec["stream"], reconstruct=spec.get("reconstruct"))
     r = run_prune(spec["model"], spec["out"], cfg, overwrite=True, progress=False)
     return {"achieved_ratio": r.achieved_ratio, "timings": r.timings, "bytes": dir_bytes(Path(spec["out"]))}
 

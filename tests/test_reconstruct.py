@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from edgeprune.reconstruct import (Gram, ReconstructionWarning, lsq_fit, obs_order, obs_remove, reconstruct)
+from edgeprune.reconstruct import (Gram, RefitStats, ReconstructionWarning, lsq_fit, obs_order, obs_remove,
+                                   reconstruct)
 
 
 def _data(d_in=24, d_out=10, n=400, seed=0, corr=True):
@@ -17,16 +18,38 @@ def _data(d_in=24, d_out=10, n=400, seed=0, corr=True):
     return x, w
 
 
-def _gram(x, t=None, chunks=3):
+def _gram(x, chunks=3):
     gr = Gram()
-    for xs, ts in zip(x.chunk(chunks), (t.chunk(chunks) if t is not None else [None] * chunks)):
-        gr.update(xs, ts)
+    for xs in x.chunk(chunks):
+        gr.update(xs)
     return gr
 
 
-def _calib_error(w, x, t, ws, b, keep):
+def _stats(x, w, keep, t=None, r=None, chunks=3, full=False):
+    st = RefitStats(w, keep, full=full)
+    n = len(x)
+    for part in torch.arange(n).chunk(chunks):
+        st.update(x[part], None if t is None else t[part], None if r is None else r[part])
+    return st
+
+
+def _calib_error(w, x, t, ws, b, keep, r=None):
     out = x[:, keep] @ ws.T.double() + (0 if b is None else b.double())
-    return float(((t @ w.T - out) ** 2).sum())
+    y = t @ w.T + (0 if r is None else r)
+    return float(((y - out) ** 2).sum())
+
+
+def _closed_form(x, y, keep, lam, prior, intercept):
+    """Independent: ridge regression of the targets ``y`` on the kept inputs via lstsq of an augmented system,
+    the damping pulling toward ``prior`` (the original kept weights)."""
+    xs = x[:, keep]
+    feats = torch.cat([xs, torch.ones(len(x), 1, dtype=torch.float64)], 1) if intercept else xs
+    reg = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64)
+    reg[:len(keep), :len(keep)] = lam ** 0.5 * torch.eye(len(keep), dtype=torch.float64)
+    a = torch.cat([feats, reg], 0)
+    pr = torch.zeros(feats.shape[1], y.shape[1], dtype=torch.float64)
+    pr[:len(keep)] = lam ** 0.5 * prior.T
+    return torch.linalg.lstsq(a, torch.cat([y, pr], 0)).solution.T
 
 
 @pytest.mark.parametrize("intercept", [False, True])
@@ -34,36 +57,29 @@ def test_lsq_equals_independent_closed_form(intercept):
     x, w = _data()
     keep = torch.tensor([0, 2, 3, 5, 8, 9, 11, 13, 17, 20, 21, 23])
     damp = 1e-3
-    ws, b = lsq_fit(w, _gram(x), keep, damp=damp, intercept=intercept)
-    # independent: ridge regression of the dense outputs on the kept inputs via lstsq of an augmented system
-    xs = x[:, keep]
-    lam = damp * float((xs ** 2).sum(0).mean())
-    feats = torch.cat([xs, torch.ones(len(x), 1, dtype=torch.float64)], 1) if intercept else xs
-    reg = torch.zeros(feats.shape[1], feats.shape[1], dtype=torch.float64)
-    reg[:len(keep), :len(keep)] = lam ** 0.5 * torch.eye(len(keep), dtype=torch.float64)
-    a = torch.cat([feats, reg], 0)
-    prior = torch.zeros(feats.shape[1], w.shape[0], dtype=torch.float64)   # damping pulls toward W_S
-    prior[:len(keep)] = lam ** 0.5 * w[:, keep].T
-    y = torch.cat([x @ w.T, prior], 0)
-    sol = torch.linalg.lstsq(a, y).solution.T
-    torch.testing.assert_close(ws, sol[:, :len(keep)], rtol=1e-8, atol=1e-9)
+    fit = lsq_fit(_stats(x, w, keep), damp=damp, intercept=intercept)
+    lam = damp * float((x[:, keep] ** 2).sum(0).mean())
+    sol = _closed_form(x, x @ w.T, keep, lam, w[:, keep], intercept)
+    torch.testing.assert_close(fit.weight, sol[:, :len(keep)], rtol=1e-8, atol=1e-9)
     if intercept:
-        torch.testing.assert_close(b, sol[:, len(keep)], rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(fit.bias, sol[:, len(keep)], rtol=1e-8, atol=1e-9)
     else:
-        assert b is None
+        assert fit.bias is None
+    # the error from the normal equations equals the direct one
+    assert fit.error == pytest.approx(_calib_error(w, x, x, fit.weight, fit.bias, keep), rel=1e-9)
 
 
 def test_all_columns_kept_returns_original_weights():
     x, w = _data()
     keep = torch.arange(w.shape[1])
-    r0 = reconstruct(w, _gram(x), keep, "lsq", damp=0.0)
+    r0 = reconstruct(_stats(x, w, keep), "lsq", damp=0.0)
     torch.testing.assert_close(r0.weight, w, rtol=1e-7, atol=1e-7)
     assert r0.bias is None or float(r0.bias.abs().max()) < 1e-7
     for intercept in (False, True):   # the damping pulls toward W: exact at any damping
         for damp in (0.0, 1e-2, 1.0):
-            ws, b = lsq_fit(w, _gram(x), keep, damp=damp, intercept=intercept)
-            torch.testing.assert_close(ws, w, rtol=1e-7, atol=1e-7)
-            assert b is None or float(b.abs().max()) < 1e-7
+            fit = lsq_fit(_stats(x, w, keep), damp=damp, intercept=intercept, inplace=True)
+            torch.testing.assert_close(fit.weight, w, rtol=1e-7, atol=1e-7)
+            assert fit.bias is None or float(fit.bias.abs().max()) < 1e-7
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq", "obs"])
@@ -73,11 +89,12 @@ def test_reconstruction_never_increases_calibration_error(mode, seed):
     keep = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed))[:9].sort().values
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ReconstructionWarning)
-        r = reconstruct(w, _gram(x), keep, mode)
+        r = reconstruct(_stats(x, w, keep, full=mode == "obs"), mode)
     e_none = _calib_error(w, x, x, w[:, keep], None, keep)
     e = _calib_error(w, x, x, r.weight, r.bias, keep)
     assert e <= e_none * (1 + 1e-9)
     assert r.error <= r.error_none + 1e-12
+    assert r.error_none == pytest.approx(e_none / float(((x @ w.T) ** 2).sum()), rel=1e-9)
     if mode in ("lsq", "obs"):
         assert e < 0.9 * e_none        # and here it actually buys something
         assert r.mode == mode
@@ -86,9 +103,10 @@ def test_reconstruction_never_increases_calibration_error(mode, seed):
 def test_moment_error_matches_direct_error():
     x, w = _data(seed=3)
     keep = torch.tensor([1, 4, 6, 7, 10, 15, 22])
-    r = reconstruct(w, _gram(x), keep, "lsq")
-    direct = _calib_error(w, x, x, r.weight, r.bias, keep) / float(((x @ w.T) ** 2).sum())
-    assert r.error == pytest.approx(direct, rel=1e-9)
+    for mode in ("bias", "lsq", "obs"):
+        r = reconstruct(_stats(x, w, keep, full=True), mode)
+        direct = _calib_error(w, x, x, r.weight, r.bias, keep) / float(((x @ w.T) ** 2).sum())
+        assert r.error == pytest.approx(direct, rel=1e-9), mode
 
 
 def test_obs_updates_end_at_the_lsq_solution():
@@ -100,24 +118,24 @@ def test_obs_updates_end_at_the_lsq_solution():
     # same absolute λ through its relative damping
     h = x.T @ x
     lam = 1e-2 * float(h.diagonal().mean())
-    ws, _ = lsq_fit(w, _gram(x), keep, damp=lam / float(h[keep, keep].mean()), intercept=False)
-    torch.testing.assert_close(full[:, keep], ws, rtol=1e-7, atol=1e-8)
+    fit = lsq_fit(_stats(x, w, keep), damp=lam / float(h[keep, keep].mean()), intercept=False)
+    torch.testing.assert_close(full[:, keep], fit.weight, rtol=1e-7, atol=1e-8)
     assert float(full[:, [3, 4, 10, 17, 18, 19]].abs().max()) == 0
     # and both are the undamped least-squares solution when λ → 0
-    ws0, _ = lsq_fit(w, _gram(x), keep, damp=0.0, intercept=False)
-    torch.testing.assert_close(ws0, w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep]), rtol=1e-7, atol=1e-8)
+    fit0 = lsq_fit(_stats(x, w, keep), damp=0.0, intercept=False)
+    torch.testing.assert_close(fit0.weight, w @ h[:, keep] @ torch.linalg.inv(h[keep][:, keep]), rtol=1e-7, atol=1e-8)
 
 
 def test_rank_deficient_gram_gives_finite_weights_and_warning():
     x, w = _data(n=8)                       # 8 tokens for 24 inputs: H has rank 8
     keep = torch.arange(0, 24, 2)
     with pytest.warns(ReconstructionWarning, match="layer 5 down_proj"):
-        r = reconstruct(w, _gram(x, chunks=2), keep, "lsq", name="layer 5 down_proj")
+        r = reconstruct(_stats(x, w, keep, chunks=2), "lsq", name="layer 5 down_proj")
     assert r.mode == "bias" and torch.isfinite(r.weight).all() and torch.isfinite(r.bias).all()
     x, w = _data()
     x[:, 4] = 0                             # a dead channel that is kept
     with pytest.warns(ReconstructionWarning, match="layer 2 o_proj.*dead"):
-        r = reconstruct(w, _gram(x), torch.arange(0, 24, 2), "lsq", name="layer 2 o_proj")
+        r = reconstruct(_stats(x, w, torch.arange(0, 24, 2)), "lsq", name="layer 2 o_proj")
     assert torch.isfinite(r.weight).all()
 
 
@@ -125,22 +143,27 @@ def test_singular_gram_without_damping_degrades_to_bias():
     x, w = _data()
     x[:, 1] = x[:, 0]                       # exactly collinear kept inputs, no damping: singular
     with pytest.warns(ReconstructionWarning, match="layer 0 o_proj"):
-        r = reconstruct(w, _gram(x), torch.arange(12), "lsq", damp=0.0, name="layer 0 o_proj")
+        r = reconstruct(_stats(x, w, torch.arange(12)), "lsq", damp=0.0, name="layer 0 o_proj")
     assert r.mode == "bias" and torch.isfinite(r.weight).all()
 
 
-def test_cross_target_refit_reduces_error_against_target():
-    """Sequential calibration: inputs x come from pruned layers, the target inputs t from the dense model."""
+def test_cross_target_refit_equals_closed_form():
+    """Sequential calibration: inputs x come from pruned layers, the target inputs t from the dense model, and
+    the target output may carry a residual-stream correction r."""
     x, w = _data(seed=5)
-    t = x + 0.2 * torch.randn_like(x)
+    g = torch.Generator().manual_seed(9)
+    t = x + 0.2 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    r = 0.1 * torch.randn(len(x), w.shape[0], generator=g, dtype=torch.float64)
     keep = torch.arange(0, 24, 3)
-    r = reconstruct(w, _gram(x, t), keep, "lsq")
-    e = _calib_error(w, x, t, r.weight, r.bias, keep)
-    e_none = _calib_error(w, x, t, w[:, keep], None, keep)
-    assert e < e_none
-    xs = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(xs, t @ w.T).solution.T
-    assert e <= _calib_error(w, x, t, sol[:, :-1], sol[:, -1], keep) * 1.01   # ≈ the undamped optimum
+    for rr in (None, r):
+        st = _stats(x, w, keep, t, rr)
+        rec = reconstruct(st, "lsq", damp=1e-3)
+        e = _calib_error(w, x, t, rec.weight, rec.bias, keep, rr)
+        assert e < _calib_error(w, x, t, w[:, keep], None, keep, rr)
+        lam = 1e-3 * float((x[:, keep] ** 2).sum(0).mean())
+        sol = _closed_form(x, t @ w.T + (0 if rr is None else rr), keep, lam, w[:, keep], True)
+        torch.testing.assert_close(rec.weight, sol[:, :-1], rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(rec.bias, sol[:, -1], rtol=1e-8, atol=1e-9)
 
 
 def test_obs_order_removes_the_cheap_groups_first():
@@ -161,6 +184,29 @@ def test_gram_float32_above_threshold_and_blockwise(monkeypatch):
     assert g.xx.dtype == torch.float32
     torch.testing.assert_close(g.xx.double(), x.T @ x, rtol=1e-4, atol=1e-2)
     assert g.n == len(x)
+
+
+def test_refit_statistics_are_bounded_and_float32_refit_is_close(monkeypatch):
+    """Only the kept columns' statistics exist ((k+1)² and d_out·(k+1), never d_in²); above F64_MAX_DIM kept
+    inputs they are float32, accumulated and solved in blocks (tiny blocks here), in place, and the refit is
+    within float32 accuracy of the float64 one."""
+    import edgeprune.reconstruct as rc
+
+    x, w = _data(d_in=40, d_out=12, n=600, seed=7)
+    g = torch.Generator().manual_seed(1)
+    t, r = x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64), 0.05 * torch.randn(600, 12, generator=g, dtype=torch.float64)
+    keep = torch.arange(0, 40, 2)
+    ref = reconstruct(_stats(x, w, keep, t, r), "lsq")
+    monkeypatch.setattr(rc, "F64_MAX_DIM", 8)
+    monkeypatch.setattr(rc, "BLOCK_ELEMS", 50)
+    st = _stats(x.float(), w.float(), keep, t.float(), r.float(), chunks=4)
+    assert st.a.dtype == torch.float32 and st.a.shape == (21, 21) and st.b.shape == (12, 21)
+    a_ptr, b_ptr = st.a.data_ptr(), st.b.data_ptr()
+    got = reconstruct(st, "lsq")
+    assert got.mode == "lsq" and st.a.data_ptr() == a_ptr and st.b.data_ptr() == b_ptr   # factored/solved in place
+    torch.testing.assert_close(got.weight.double(), ref.weight, rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(got.bias.double(), ref.bias, rtol=2e-3, atol=2e-4)
+    assert got.error == pytest.approx(ref.error, rel=1e-3, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------- the repair stage on a model
