@@ -32,7 +32,9 @@ input hidden states -> layer -> final norm -> head, the logit-lens loss; see doc
 * ``stage`` — a layer stage that replaces the default surgery in pass 2 (forcing two passes): ``start(hs0,
   kwargs)`` with the layer-0 calibration inputs, then ``step(i, layer, groups, keep_kv, keep_mlp)`` for every
   layer in order, pruning the layer in place and advancing its own calibration streams
-  (:class:`edgeprune.repair.RepairStage`: ``--reconstruct lsq|obs|bias``, ``--sequential``);
+  (:class:`edgeprune.repair.RepairStage`: ``--reconstruct lsq|obs|bias``, ``--sequential``); a stage with
+  ``rescore`` set has each layer re-scored by the method's per-layer scorer on ``stage.inputs()`` (its pruned
+  stream) and its kept groups re-selected with the plan's per-layer counts (``--opt recon_scores=pruned``);
 * ``propagate="pruned"`` — sequential mode: layer i is calibrated on the outputs of the already pruned (and
   repaired) layers 0..i-1. With a global allocation, pass 1 scores on dense inputs and pass 2 runs the layers
   sequentially (calibrate on pruned inputs -> repair -> surgery -> forward).
@@ -53,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .allocation import AllocOptions, allocate, per_layer_ratios
-from .allocation.base import per_layer_plan
+from .allocation.base import per_layer_plan, topk_sorted
 from .calibrate import Collector, LayerStats, calibrate_layer, layer_forward
 from .procmem import trim
 from .errors import EdgepruneError
@@ -327,6 +329,8 @@ def _stage_pass(w: _Walk, plan: Plan, hs0: list) -> None:
     for i in tqdm(range(len(w.groups)), desc="prune (repair)", unit="layer", disable=None if w.cfg.progress else True,
                   leave=False):
         layer = w.source.layer(i)
+        if getattr(w.cfg.stage, "rescore", False):
+            _rescore(w, plan, i, layer, w.cfg.stage.inputs())
         w.cfg.stage.step(i, layer, w.groups[i], plan.keep_kv[i], plan.keep_mlp[i])
         if w.source.streamed:
             layer = layer.to("cpu")
@@ -334,6 +338,20 @@ def _stage_pass(w: _Walk, plan: Plan, hs0: list) -> None:
         w.source.done(i, layer)
         del layer
         trim()
+
+
+def _rescore(w: _Walk, plan: Plan, i: int, layer, hs: list) -> None:
+    """Re-select layer i's kept groups by the method's per-layer scores on ``hs`` (the stage's pruned stream:
+    the outputs of the already pruned and refitted layers), keeping the plan's numbers of KV groups and MLP
+    channels (so the allocation, the ratio and any runtime constraint on shapes are unchanged)."""
+    st, outs = _calibrate(w, i, layer, hs, True, False)
+    del outs
+    sc = w.scorer.score(i, layer, w.groups[i], st, hs, None, w.kwargs)
+    if sc is None:
+        raise EdgepruneError("internal: re-scoring on the pruned stream needs a per-layer scorer")
+    plan.keep_kv[i] = topk_sorted(sc[0].detach().double().cpu(), len(plan.keep_kv[i]))
+    plan.keep_mlp[i] = topk_sorted(sc[1].detach().double().cpu(), len(plan.keep_mlp[i]))
+    trim()
 
 
 def _pass2(w: _Walk, plan: Plan, hs0: list | None, bias_means) -> None:

@@ -72,7 +72,8 @@ class PruneConfig:
 
     def repair_options(self):
         """The repair stage's options (:mod:`edgeprune.repair`), or None to keep the method's own surgery; ``--opt
-        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false`` refine it."""
+        recon_target=resid|dense|self``, ``recon_damp=0.01``, ``recon_intercept=true|false``, ``recon_scores=dense|pruned``
+        refine it."""
         rm = self.repair_mode()
         if rm is None:
             return None
@@ -80,7 +81,7 @@ class PruneConfig:
 
         o = ReconOptions.parse(self.options)
         return RepairOptions(mode=rm[0], sequential=rm[1], target=o.recon_target, damp=o.recon_damp,
-                             intercept=o.recon_intercept)
+                             intercept=o.recon_intercept, scores=o.recon_scores)
 
     def option_owners(self) -> tuple[list[tuple[str, type]], str]:
         """(the ``(label, typed options class)`` owners of ``--opt`` keys in this configuration, its name): the
@@ -143,6 +144,13 @@ class PruneConfig:
         if self.target is not None and propagate == "pruned":
             raise EdgepruneError("--target-mb scores once on the dense model; --opt stream_propagate=pruned "
                                  "scores on the pruned layers' outputs: drop one of them")
+        if ro is not None and ro.scores == "pruned":
+            if not get_method(self.method).has_layer_scorer():
+                raise EdgepruneError(f"--opt recon_scores=pruned re-scores each layer with the method's per-layer "
+                                     f"scorer; {self.method} scores the whole model (use recon_scores=dense)")
+            if self.target is not None:
+                raise EdgepruneError("--target-mb scores once on the dense model; --opt recon_scores=pruned "
+                                     "re-scores every layer: drop one of them")
 
 
 def _elsewhere(used: set) -> dict[str, str]:

@@ -42,6 +42,7 @@ from .surgery import take_linear
 from .typed_options import TypedOptions, option
 
 TARGETS = ("resid", "dense", "self")
+SCORE_INPUTS = ("dense", "pruned")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class ReconOptions(TypedOptions):
     recon_target: str = option("resid", choices=TARGETS, doc="what the refit aims at (see the module docstring)")
     recon_damp: float = option(DAMP, lo=0.0, hi=1e6, doc="damping relative to mean(diag H)")
     recon_intercept: bool = option(True, doc="the refit may add an output bias")
+    recon_scores: str = option("dense", choices=SCORE_INPUTS,
+                               doc="inputs the importance scores see: the dense model's (scored once) or the "
+                                   "pruned stream's (each layer re-scored after the layers before it are pruned "
+                                   "and refitted, keeping the allocation's per-layer counts)")
 
 
 @dataclass
@@ -65,6 +70,7 @@ class RepairOptions:
     target: str = "resid"
     damp: float = DAMP
     intercept: bool = True
+    scores: str = "dense"
 
     def validate(self) -> None:
         from .errors import EdgepruneError
@@ -73,6 +79,8 @@ class RepairOptions:
             raise EdgepruneError(f"--reconstruct {self.mode}: use one of {', '.join(MODES)}")
         if self.target not in TARGETS:
             raise EdgepruneError(f"--opt recon_target={self.target}: use resid, dense or self")
+        if self.scores not in SCORE_INPUTS:
+            raise EdgepruneError(f"--opt recon_scores={self.scores}: use dense or pruned")
         if not (0.0 <= self.damp < 1e6):
             raise EdgepruneError(f"--opt recon_damp={self.damp}: use a damping >= 0 (relative to mean(diag H)), "
                                  "e.g. 0.01")
@@ -246,6 +254,11 @@ class RepairStage:
     def __init__(self, opts: RepairOptions):
         opts.validate()
         self.opts, self.layers, self.st = opts, [], None
+        self.rescore = opts.scores == "pruned"   # the engine re-selects each layer's groups on :meth:`inputs`
+
+    def inputs(self) -> list:
+        """The calibration inputs of the current layer on the pruned stream (the dense stream when not sequential)."""
+        return self.st.hs
 
     def start(self, hs: list, kwargs: dict) -> None:
         self.st = Streams.start(hs, kwargs, self.opts)

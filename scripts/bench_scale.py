@@ -10,6 +10,8 @@ tokenizer (/work/shared/data/llama_tokenizer/tokenizer.model, 32000 pieces), the
   (:func:`edgeprune.stream.streamed_perplexity`, a few 128-token chunks of WikiText-2) and then deleted; plus a
   *forward-only streamed pass* (the streamed LM-loss forward over the same calibration rows) as the reference
   for MINI-LLM's memory.
+  The *recon* step: the same streamed wanda-sp prune with ``--reconstruct lsq`` (sequential least-squares refit
+  of o_proj/down_proj toward the dense model, issue #13), whose peak must stay within 1.5× the forward-only pass.
 * **LLaMA-3.2-1B shape** (16 × 2048, ffn 8192, vocab 128256, tied; ≈2.5 GB bf16): the same three methods with
   and without streaming; the two outputs are compared tensor by tensor (identical tensors ⇔ identical kept
   groups and weights), and the non-streamed output is loaded with ``edgeprune.models.load`` and run.
@@ -19,6 +21,7 @@ Writes ``benchmarks/scale.json`` and ``benchmarks/scale.md`` (updated after ever
 
     python scripts/bench_scale.py --work /tmp/edgeprune-scale            # everything (7B part ≈ 40-60 min)
     python scripts/bench_scale.py --work /tmp/edgeprune-scale --only 1b
+    python scripts/bench_scale.py --work /tmp/edgeprune-scale --only 7b --steps recon --keep   # the lsq step alone
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ METHOD_OPTS = {
     "bip": {"lip_tokens": 32, "lip_iters": 10},
 }
 EVAL_CHUNKS, EVAL_LEN = 2, 128
+RECON_STEP = "7b prune wanda-sp --stream --reconstruct lsq"
 
 
 # ------------------------------------------------------------------------------------------------ child jobs
@@ -303,6 +307,15 @@ def _summary(d: dict) -> list[str]:
         others = [f"{m} {s['peak_rss_mb'] / fwd['peak_rss_mb']:.3f}×" for m, s in others if s and "peak_rss_mb" in s]
         if others:
             lines += ["The same ratio for the other streamed prunes: " + ", ".join(others) + ".", ""]
+    lsq = st.get(RECON_STEP)
+    if fwd and lsq and "peak_rss_mb" in fwd and "peak_rss_mb" in lsq:
+        r = lsq["peak_rss_mb"] / fwd["peak_rss_mb"]
+        lines += [f"Streamed prune with the least-squares refit (`--reconstruct lsq`, sequential, residual target) "
+                  f"peak RSS / forward-only streamed pass = {lsq['peak_rss_mb']:.0f} / {fwd['peak_rss_mb']:.0f} MB = "
+                  f"**{r:.3f}×** (acceptance ≤ 1.5×), wall {lsq['wall_s']:.0f} s "
+                  f"(pass 1 scoring {lsq.get('timings', {}).get('score_s', float('nan')):.0f} s, pass 2 refit + "
+                  f"surgery {lsq.get('timings', {}).get('allocate_apply_s', float('nan')):.0f} s). The refit's "
+                  "memory bound is in `edgeprune/reconstruct.py` and docs/methods.md.", ""]
     p7 = [s for s in d["steps"] if s["part"] == "7b" and s["name"].startswith("7b prune")]
     if p7 and all("peak_rss_mb" in s for s in p7):
         mx = max(s["peak_rss_mb"] for s in p7)
@@ -346,7 +359,10 @@ def main() -> int:
                     help="run nothing: add the steps of another results file (one run, e.g. made from a snapshot "
                          "of the tree with --json elsewhere) to --json as a new run; replaced steps give new/old")
     ap.add_argument("--commit", default=None, help="with --absorb: the commit the absorbed run measured")
+    ap.add_argument("--steps", default="fwd,methods,recon",
+                    help="7B steps to run (comma list of fwd, methods, recon; the model is created when missing)")
     a = ap.parse_args()
+    steps = set(a.steps.split(","))
     if a.child:
         child(json.loads(a.child))
         return 0
@@ -385,17 +401,30 @@ def main() -> int:
         dense = work / "llama-7b-shape"
         if not (dense / "model.safetensors.index.json").exists():
             b.run("7b create (bf16, tensor by tensor)", {"kind": "create", "shape": "llama-7b", "out": str(dense)}, "7b")
-        b.run("7b fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense)}, "7b")
-        for mth in methods:
+        if "fwd" in steps:
+            b.run("7b fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense)}, "7b")
+        for mth in (methods if "methods" in steps else []):
             o = work / f"7b-{mth}"
             b.run(f"7b prune {mth} --stream", {"kind": "prune", "model": str(dense), "out": str(o), "method": mth,
                                                "ratio": 0.2, "options": METHOD_OPTS[mth], "stream": True}, "7b")
             if mth == methods[0] or a.eval_all:   # reading an 11 GB output again costs minutes on a shared disk
                 b.run(f"7b {mth} output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
             shutil.rmtree(o, ignore_errors=True)
+        if "recon" in steps:
+            recon_7b(b, dense, work)
         if not a.keep:
             shutil.rmtree(dense, ignore_errors=True)
     return 0
+
+
+def recon_7b(b: Bench, dense: Path, work: Path) -> None:
+    """The streamed prune with the least-squares refit (issue #13 item 5): wanda-sp (uniform) at 20 %,
+    ``--reconstruct lsq`` (sequential, residual target), then a streamed ppl of the output (loads and runs)."""
+    o = work / "7b-wanda-sp-lsq"
+    b.run(RECON_STEP, {"kind": "prune", "model": str(dense), "out": str(o), "method": "wanda-sp", "ratio": 0.2,
+                       "options": METHOD_OPTS["wanda-sp"], "stream": True, "reconstruct": "lsq"}, "7b")
+    b.run("7b wanda-sp + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
+    shutil.rmtree(o, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -294,9 +294,11 @@ def tiny_dir(tmp_path_factory):
     return T.save_tiny(T.tiny_model("gqa", seed=3, layers=4), tmp_path_factory.mktemp("rc") / "gqa")
 
 
-@pytest.mark.parametrize("method,allocation,recon", [("obs", None, "lsq"), ("wanda-sp", "uniform", "lsq"),
-                                                      ("flap", None, "bias")])
-def test_streamed_reconstruction_equals_in_memory(tiny_dir, tmp_path, method, allocation, recon):
+@pytest.mark.parametrize("method,allocation,recon,scores", [("obs", None, "lsq", "dense"),
+                                                             ("wanda-sp", "uniform", "lsq", "dense"),
+                                                             ("flap", None, "bias", "dense"),
+                                                             ("obs", None, "lsq", "pruned")])
+def test_streamed_reconstruction_equals_in_memory(tiny_dir, tmp_path, method, allocation, recon, scores):
     import json
 
     from edgeprune.models import load
@@ -306,7 +308,7 @@ def test_streamed_reconstruction_equals_in_memory(tiny_dir, tmp_path, method, al
     outs = []
     for stream in (False, True):
         cfg = PruneConfig(method, 0.3, allocation=allocation, calib_samples=16, calib_len=32, stream=stream,
-                          reconstruct=recon)
+                          reconstruct=recon, options={"recon_scores": scores} if scores != "dense" else {})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReconstructionWarning)
             run_prune(tiny_dir, tmp_path / f"s{int(stream)}", cfg, progress=False)
@@ -340,3 +342,38 @@ def test_obs_method_ranks_a_useless_group_last(one_thread):
     assert sc.standardized and len(sc.attn) == len(sc.mlp) == 2
     assert int(sc.attn[0].argmin()) == 1 and int(sc.mlp[1].argmin()) == 5
     assert all(torch.isfinite(t).all() and (t >= 0).all() for t in sc.attn + sc.mlp)
+
+
+def _plan(tiny_dir, tmp_path, name, **opts):
+    import json
+
+    from edgeprune.prune import PruneConfig, run_prune
+
+    cfg = PruneConfig("obs", 0.5, allocation="global", calib_samples=16, calib_len=32, reconstruct="lsq",
+                      options=opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReconstructionWarning)
+        run_prune(tiny_dir, tmp_path / name, cfg, progress=False)
+    return json.loads((tmp_path / name / "prune_report.json").read_text())["plan"]
+
+
+def test_scores_on_the_pruned_stream_reselect_groups_with_the_same_counts(tiny_dir, tmp_path):
+    """recon_scores=pruned: each layer is re-scored on the outputs of the already pruned and refitted layers;
+    the global allocation's per-layer counts stay, layer 0 (same inputs on both streams) keeps the same groups,
+    and a later layer's selection moves."""
+    torch.set_num_threads(1)
+    dense = _plan(tiny_dir, tmp_path, "dense")
+    pruned = _plan(tiny_dir, tmp_path, "pruned", recon_scores="pruned")
+    assert [len(k) for k in pruned["keep_kv"]] == [len(k) for k in dense["keep_kv"]]
+    assert [len(k) for k in pruned["keep_mlp"]] == [len(k) for k in dense["keep_mlp"]]
+    assert pruned["keep_kv"][0] == dense["keep_kv"][0] and pruned["keep_mlp"][0] == dense["keep_mlp"][0]
+    assert pruned["keep_mlp"][1:] != dense["keep_mlp"][1:]
+
+
+def test_scores_on_the_pruned_stream_refused_for_a_model_level_method(tiny_dir, tmp_path):
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.prune import PruneConfig
+
+    cfg = PruneConfig("llm-pruner", 0.2, reconstruct="lsq", options={"recon_scores": "pruned"})
+    with pytest.raises(EdgepruneError, match="recon_scores=pruned.*llm-pruner scores the whole model"):
+        cfg.validate()
