@@ -11,7 +11,7 @@ calibration — and PTB test; 128-token chunks, LLM-Pruner protocol): the choice
 Every prune and eval runs as the CLI in a child process; finished rows are kept in the JSON and skipped on a
 rerun (``--fresh`` redoes them). Writes ``benchmarks/recon_scores.json`` and ``.md``.
 
-    python scripts/bench_recon_scores.py                       # 4 prunes + 8 whole-text evals
+    python scripts/bench_recon_scores.py --jobs 2              # 4 prunes + 5 whole-text evals
     python scripts/bench_recon_scores.py --ratios 0.2 --scores pruned
 """
 from __future__ import annotations
@@ -71,7 +71,8 @@ def render(d: dict) -> str:
              "with `recon_scores=dense` (scores once on the dense model) or `pruned` (each layer re-scored on the "
              "pruned stream, same per-layer counts).  ",
              "Protocol: whole texts, 128-token chunks (LLM-Pruner protocol), `edgeprune eval --ppl heldout,ptb`; "
-             f"dense model: held-back {d['dense']['heldout']:.2f}, PTB {d['dense']['ptb']:.2f}.", "",
+             + (f"dense model: held-back {d['dense']['heldout']:.2f}, PTB {d['dense']['ptb']:.2f}." if d["dense"]
+                else "dense model: not measured in this run."), "",
              "| ratio | scores | held-back ppl | PTB ppl | prune wall |", "|---|---|---|---|---|"]
     for r in sorted(d["rows"], key=lambda r: (r["ratio"], r["scores"])):
         lines.append(f"| {r['ratio']:.0%} | {r['scores']} | {r['ppl']['heldout']:.2f} | {r['ppl']['ptb']:.2f} | "
@@ -79,10 +80,19 @@ def render(d: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def dense_ppl(ref: Path, td: str) -> dict:
+    cli(["eval", str(ref), "--ppl", ",".join(TEXTS), "--json", f"{td}/dense.json", "--quiet"])
+    ev = json.loads(Path(f"{td}/dense.json").read_text())
+    return {t: ev[f"ppl.{t}.seq128"] for t in TEXTS}
+
+
 def main() -> int:
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--scores", default="dense,pruned")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at once (each a CLI child process)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "recon_scores"))
     ap.add_argument("--fresh", action="store_true")
     a = ap.parse_args()
@@ -93,22 +103,24 @@ def main() -> int:
          "machine": f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}",
          "rows": old.get("rows", []), "dense": old.get("dense")}
     ref = reference_model()
-    with tempfile.TemporaryDirectory() as td:
+    todo = [(r, s) for r in map(float, a.ratios.split(",")) for s in a.scores.split(",")
+            if not any(x["ratio"] == r and x["scores"] == s for x in d["rows"])]
+
+    def save():
+        js.write_text(json.dumps(d, indent=2) + "\n")
+        md.write_text(render(d))
+    with tempfile.TemporaryDirectory() as td, ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        futs = {pool.submit(row, ref, r, s, td): (r, s) for r, s in todo}
         if d["dense"] is None:
-            cli(["eval", str(ref), "--ppl", ",".join(TEXTS), "--json", f"{td}/dense.json", "--quiet"])
-            ev = json.loads(Path(f"{td}/dense.json").read_text())
-            d["dense"] = {t: ev[f"ppl.{t}.seq128"] for t in TEXTS}
-        for ratio in map(float, a.ratios.split(",")):
-            for scores in a.scores.split(","):
-                if any(r["ratio"] == ratio and r["scores"] == scores for r in d["rows"]):
-                    continue
-                print(f"[bench_recon_scores] {ratio} {scores} ...", flush=True)
-                d["rows"].append(row(ref, ratio, scores, td))
-                print(f"[bench_recon_scores] {json.dumps(d['rows'][-1]['ppl'])}", flush=True)
-                js.write_text(json.dumps(d, indent=2) + "\n")
-                md.write_text(render(d))
-    js.write_text(json.dumps(d, indent=2) + "\n")
-    md.write_text(render(d))
+            futs[pool.submit(dense_ppl, ref, td)] = "dense"
+        for f in as_completed(futs):
+            if futs[f] == "dense":
+                d["dense"] = f.result()
+            else:
+                d["rows"].append(f.result())
+            print(f"[bench_recon_scores] {futs[f]}: {json.dumps(d['dense'] if futs[f] == 'dense' else d['rows'][-1]['ppl'])}",
+                  flush=True)
+            save()
     return 0
 
 

@@ -377,3 +377,39 @@ def test_scores_on_the_pruned_stream_refused_for_a_model_level_method(tiny_dir, 
     cfg = PruneConfig("llm-pruner", 0.2, reconstruct="lsq", options={"recon_scores": "pruned"})
     with pytest.raises(EdgepruneError, match="recon_scores=pruned.*llm-pruner scores the whole model"):
         cfg.validate()
+
+
+def test_float32_refit_matches_float64_on_real_activations(ref_model_dir, one_thread, monkeypatch):
+    """The float32 path (used above F64_MAX_DIM kept inputs, e.g. a 7B down_proj) on the reference model's own
+    down_proj / o_proj inputs: the refit weights agree with the float64 path to 1e-4 relative and the calibration
+    error (reported and recomputed on the data) to 1e-5."""
+    import edgeprune.reconstruct as rc
+    from edgeprune.data import calibration_ids
+    from edgeprune.models import load, load_tokenizer
+
+    m = load(ref_model_dir).eval()
+    ids = calibration_ids(load_tokenizer(ref_model_dir), "gutenberg", 16, 128, 0)
+    lay = m.model.layers[3]
+    caps = {"down": [], "o": []}
+    lay.mlp.down_proj.register_forward_pre_hook(lambda _m, a: caps["down"].append(a[0].reshape(-1, a[0].shape[-1])))
+    lay.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: caps["o"].append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        m(ids)
+    for name, lin in (("down", lay.mlp.down_proj), ("o", lay.self_attn.o_proj)):
+        x, w = torch.cat(caps[name]).detach(), lin.weight.data
+        keep = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(0))[: w.shape[1] // 2].sort().values
+        fits = {}
+        for f64max in (4096, 0):
+            monkeypatch.setattr(rc, "F64_MAX_DIM", f64max)
+            st = RefitStats(w, keep)
+            for part in x.split(512):
+                st.update(part)
+            assert st.a.dtype == (torch.float64 if f64max else torch.float32)
+            fits[f64max] = reconstruct(st, "lsq")
+        a, b = fits[4096], fits[0]
+        assert a.mode == b.mode == "lsq"
+        assert float((a.weight.double() - b.weight.double()).norm() / a.weight.double().norm()) < 1e-4
+        y = x.double() @ w.double().T
+        direct = float(((y - x[:, keep].double() @ b.weight.double().T - b.bias.double()) ** 2).sum() / (y ** 2).sum())
+        assert b.error == pytest.approx(a.error, abs=1e-5) and direct == pytest.approx(a.error, abs=1e-5)
+        assert a.error < 0.5 * a.error_none
