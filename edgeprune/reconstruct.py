@@ -417,9 +417,9 @@ def reconstruct(st: RefitStats, mode: str = "lsq", damp: float = DAMP, intercept
 
 
 def _out(ws, b, dtype, mode, e, e_none) -> Refit:
-    ws = ws.to(dtype)
-    b = None if b is None else b.to(dtype)
-    finite = lambda t: math.isfinite(float(t.amax())) and math.isfinite(float(t.amin()))   # NaN propagates
+    ws = ws.to(dtype).contiguous()         # a refit is a view of the solved B: its own (kept-size) matrix
+    b = None if b is None else b.to(dtype).contiguous()
+    finite = lambda t: t.numel() == 0 or (math.isfinite(float(t.amax())) and math.isfinite(float(t.amin())))
     if not finite(ws) or (b is not None and not finite(b)):
         raise FloatingPointError(f"{mode} refit produced non-finite weights")  # guarded above; never expected
     return Refit(ws, b, mode, e, e_none)

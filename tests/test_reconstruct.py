@@ -413,3 +413,17 @@ def test_float32_refit_matches_float64_on_real_activations(ref_model_dir, one_th
         direct = float(((y - x[:, keep].double() @ b.weight.double().T - b.bias.double()) ** 2).sum() / (y ** 2).sum())
         assert b.error == pytest.approx(a.error, abs=1e-5) and direct == pytest.approx(a.error, abs=1e-5)
         assert a.error < 0.5 * a.error_none
+
+
+def test_refit_with_every_column_removed_is_the_mean_and_float32_weights_are_contiguous(monkeypatch):
+    """k = 0 kept inputs (e.g. --min-kv 0 removes every head): the refit is the target's mean as a bias; and a
+    float32 refit of float32 weights (no dtype change) comes back as its own contiguous matrix."""
+    import edgeprune.reconstruct as rc
+
+    x, w = _data()
+    r = reconstruct(_stats(x, w, torch.tensor([], dtype=torch.long)), "lsq")
+    assert r.weight.shape == (w.shape[0], 0)
+    torch.testing.assert_close(r.bias, (x @ w.T).mean(0), rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(rc, "F64_MAX_DIM", 4)
+    r = reconstruct(_stats(x.float(), w.float(), torch.arange(0, 24, 2)), "lsq")
+    assert r.mode == "lsq" and r.weight.dtype == torch.float32 and r.weight.is_contiguous()
