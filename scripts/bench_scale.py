@@ -22,6 +22,7 @@ Writes ``benchmarks/scale.json`` and ``benchmarks/scale.md`` (updated after ever
     python scripts/bench_scale.py --work /tmp/edgeprune-scale            # everything (7B part ≈ 40-60 min)
     python scripts/bench_scale.py --work /tmp/edgeprune-scale --only 1b
     python scripts/bench_scale.py --work /tmp/edgeprune-scale --only 7b --steps recon --keep   # the lsq step alone
+    python scripts/bench_scale.py --only 7b --steps recon --recon-layers 2   # on 2 full-size 7B layers
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ METHOD_OPTS = {
     "bip": {"lip_tokens": 32, "lip_iters": 10},
 }
 EVAL_CHUNKS, EVAL_LEN = 2, 128
-RECON_STEP = "7b prune wanda-sp --stream --reconstruct lsq"
+RECON_STEP = "prune wanda-sp --stream --reconstruct lsq"
 
 
 # ------------------------------------------------------------------------------------------------ child jobs
@@ -307,15 +308,17 @@ def _summary(d: dict) -> list[str]:
         others = [f"{m} {s['peak_rss_mb'] / fwd['peak_rss_mb']:.3f}×" for m, s in others if s and "peak_rss_mb" in s]
         if others:
             lines += ["The same ratio for the other streamed prunes: " + ", ".join(others) + ".", ""]
-    lsq = st.get(RECON_STEP)
-    if fwd and lsq and "peak_rss_mb" in fwd and "peak_rss_mb" in lsq:
-        r = lsq["peak_rss_mb"] / fwd["peak_rss_mb"]
-        lines += [f"Streamed prune with the least-squares refit (`--reconstruct lsq`, sequential, residual target) "
-                  f"peak RSS / forward-only streamed pass = {lsq['peak_rss_mb']:.0f} / {fwd['peak_rss_mb']:.0f} MB = "
-                  f"**{r:.3f}×** (acceptance ≤ 1.5×), wall {lsq['wall_s']:.0f} s "
-                  f"(pass 1 scoring {lsq.get('timings', {}).get('score_s', float('nan')):.0f} s, pass 2 refit + "
-                  f"surgery {lsq.get('timings', {}).get('allocate_apply_s', float('nan')):.0f} s). The refit's "
-                  "memory bound is in `edgeprune/reconstruct.py` and docs/methods.md.", ""]
+    for name, lsq in st.items():
+        f = st.get(name.replace(RECON_STEP, "fwd-only (streamed LM loss)"))
+        if not name.endswith(RECON_STEP) or not f or "peak_rss_mb" not in f or "peak_rss_mb" not in lsq:
+            continue
+        t = lsq.get("timings", {})
+        lines += [f"`{name}` (sequential least-squares refit, residual target): peak RSS / the same model's "
+                  f"forward-only streamed pass = {lsq['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f} MB = "
+                  f"**{lsq['peak_rss_mb'] / f['peak_rss_mb']:.3f}×** (acceptance ≤ 1.5×); wall {lsq['wall_s']:.0f} s "
+                  f"(pass 1 scoring {t.get('score_s', float('nan')):.0f} s, pass 2 refit + surgery "
+                  f"{t.get('allocate_apply_s', float('nan')):.0f} s). The refit's memory bound: "
+                  "`edgeprune/reconstruct.py`, docs/methods.md.", ""]
     p7 = [s for s in d["steps"] if s["part"] == "7b" and s["name"].startswith("7b prune")]
     if p7 and all("peak_rss_mb" in s for s in p7):
         mx = max(s["peak_rss_mb"] for s in p7)
@@ -361,6 +364,8 @@ def main() -> int:
     ap.add_argument("--commit", default=None, help="with --absorb: the commit the absorbed run measured")
     ap.add_argument("--steps", default="fwd,methods,recon",
                     help="7B steps to run (comma list of fwd, methods, recon; the model is created when missing)")
+    ap.add_argument("--recon-layers", type=int, default=None,
+                    help="the recon step on a 7B shape cut to N layers (own model and forward-only pass)")
     a = ap.parse_args()
     steps = set(a.steps.split(","))
     if a.child:
@@ -399,7 +404,8 @@ def main() -> int:
             shutil.rmtree(dense, ignore_errors=True)
     if a.only in (None, "7b"):
         dense = work / "llama-7b-shape"
-        if not (dense / "model.safetensors.index.json").exists():
+        full = "fwd" in steps or "methods" in steps or ("recon" in steps and not a.recon_layers)
+        if full and not (dense / "model.safetensors.index.json").exists():
             b.run("7b create (bf16, tensor by tensor)", {"kind": "create", "shape": "llama-7b", "out": str(dense)}, "7b")
         if "fwd" in steps:
             b.run("7b fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense)}, "7b")
@@ -411,20 +417,31 @@ def main() -> int:
                 b.run(f"7b {mth} output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
             shutil.rmtree(o, ignore_errors=True)
         if "recon" in steps:
-            recon_7b(b, dense, work)
+            recon_7b(b, dense, work, a.recon_layers)
         if not a.keep:
             shutil.rmtree(dense, ignore_errors=True)
     return 0
 
 
-def recon_7b(b: Bench, dense: Path, work: Path) -> None:
+def recon_7b(b: Bench, dense: Path, work: Path, layers: int | None = None) -> None:
     """The streamed prune with the least-squares refit (issue #13 item 5): wanda-sp (uniform) at 20 %,
-    ``--reconstruct lsq`` (sequential, residual target), then a streamed ppl of the output (loads and runs)."""
-    o = work / "7b-wanda-sp-lsq"
-    b.run(RECON_STEP, {"kind": "prune", "model": str(dense), "out": str(o), "method": "wanda-sp", "ratio": 0.2,
-                       "options": METHOD_OPTS["wanda-sp"], "stream": True, "reconstruct": "lsq"}, "7b")
-    b.run("7b wanda-sp + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
+    ``--reconstruct lsq`` (sequential, residual target), then a streamed ppl of the output (loads and runs).
+    With ``layers``: on a 7B-shaped model cut to that many (full-size) layers, with its own forward-only pass —
+    the peak is a per-layer quantity, so a machine too loaded for 32 layers still measures the ratio."""
+    tag = f"7b-shape {layers} layers:" if layers else "7b"
+    if layers:
+        dense = work / f"llama-7b-shape-{layers}l"
+        if not (dense / "model.safetensors.index.json").exists():
+            b.run(f"{tag} create", {"kind": "create", "shape": "llama-7b", "layers": layers, "out": str(dense)}, "7b")
+        b.run(f"{tag} fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense)}, "7b")
+    o = work / f"7b-wanda-sp-lsq{layers or ''}"
+    b.run(f"{tag} {RECON_STEP}", {"kind": "prune", "model": str(dense), "out": str(o), "method": "wanda-sp",
+                                  "ratio": 0.2, "options": METHOD_OPTS["wanda-sp"], "stream": True,
+                                  "reconstruct": "lsq"}, "7b")
+    b.run(f"{tag} wanda-sp + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
     shutil.rmtree(o, ignore_errors=True)
+    if layers:
+        shutil.rmtree(dense, ignore_errors=True)
 
 
 if __name__ == "__main__":
