@@ -2,11 +2,8 @@
 (``check_prune``, ``check_eval``, ``check_finetune``, ``check_run``); the ranges that depend on the model (layers,
 KV heads, context length) are read from its config (cheap: no weights are loaded).
 
-``--opt key=value`` options are typed (:mod:`edgeprune.typed_options`): every owner of option keys (the method, the
-allocator, the self-pruner's proposal backend, the repair stage, streaming) declares a frozen dataclass of
-:func:`option` fields, and :func:`check_options` checks a raw ``--opt`` dict against the owners of one
-configuration before any work (``PruneConfig.validate``): a key no owner claims, or a value outside its range,
-is one line naming it and what is accepted (exit 2). Fine-tuning hyper-parameters: ``FinetuneConfig.validate``.
+``--opt key=value`` options are typed by their owners (:mod:`edgeprune.typed_options`) and checked against the
+chosen configuration by ``PruneConfig.validate``; fine-tuning hyper-parameters by ``FinetuneConfig.validate``.
 """
 from __future__ import annotations
 
@@ -102,5 +99,3 @@ def check_run(cfg) -> None:
     if cfg.mlp_multiple < 1:
         raise EdgepruneError(f"--mlp-multiple {cfg.mlp_multiple} is out of range; use 1 or more (32 or 256 suit "
                              "quantized formats)")
-
-

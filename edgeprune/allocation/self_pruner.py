@@ -12,10 +12,9 @@ Rates: ``p_i`` for every non-skipped layer; ``β`` = the uniform rate that meets
 layers; constraint ``Σ w_i p_i = β`` with ``w_i`` ∝ the layer's prunable parameters (so the budget is exactly
 what :func:`per_layer_plan` removes, up to whole groups); bounds ``p_min`` (0.0) and ``p_max`` (0.8).
 
-Options (``--opt``): ``population`` 30, ``n_crossover`` 10, ``n_mutation`` 10, ``generations`` 20 (the paper's),
-``backend`` auto|ga|llama-cpp|openai (+ ``llm_*``, see :mod:`edgeprune.self_pruner.backends`), ``crossover``
-uniform|blend, ``mutation_sigma``, ``init_sigma``, ``seed_uniform``, ``log`` (JSONL path; resumes if it exists),
-``fitness_source``, ``fitness_samples`` (16), ``fitness_len`` (128), ``p_min``, ``p_max``.
+Options (``--opt``): :class:`Options` (search sizes, the paper's by default: population 30, 10 + 10 offspring,
+20 generations; fitness text; bounds; log; Ray) and the proposal backend's
+:class:`~edgeprune.self_pruner.backends.BackendOptions`.
 """
 from __future__ import annotations
 
