@@ -1,5 +1,5 @@
 """The one model validator: every config field edgeprune reads (typed and range-checked, in :data:`FIELDS`),
-weight dtypes and finiteness (streamed one tensor at a time), and the tokenizer against ``vocab_size``.
+weight dtypes and finiteness (read in blocks, never memory-mapped), and the tokenizer against ``vocab_size``.
 
 ``models.read_config`` runs :func:`check_config` for every reader of a config; ``models.check_model_dir`` runs the
 weight checks on the files (before any work: ``run``, ``prune``), ``models.load`` on the tensors it loaded, and
@@ -124,14 +124,60 @@ def check_finite(name: str, t, where) -> None:
                                  "non-finite weights)")
 
 
-def check_files_finite(files: list[Path]) -> None:
-    """Stream every tensor of the safetensors ``files`` (one at a time, memory-mapped) through :func:`check_finite`."""
-    from safetensors import safe_open
+def read_safetensors_header(f: Path) -> tuple[int, dict]:
+    """(offset of the data, header dict) of a safetensors file; one line naming the file when it is not one."""
+    import json
 
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 1 or 8 + n > size:
+                raise EdgepruneError(f"{f} is truncated or not a safetensors file ({size} bytes); re-download or "
+                                     "re-export the weights")
+            hdr = json.loads(fh.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights") from None
+    if not isinstance(hdr, dict):
+        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights")
+    return 8 + n, hdr
+
+
+# a float is NaN or Inf exactly when all its exponent bits are set: (unsigned view, exponent mask) per dtype
+EXPONENT_MASKS = {"F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80)}
+FINITE_BLOCK = 16 << 20   # bytes read at a time
+
+
+def check_files_finite(files: list[Path]) -> None:
+    """Every float tensor of the safetensors ``files`` is finite. Each tensor's bytes are read with ``pread`` in
+    :data:`FINITE_BLOCK` blocks into one buffer (RSS + 16 MiB whatever the file size: a memory map would keep every
+    touched page of the file resident, i.e. the whole checkpoint file) and tested by their exponent bits."""
+    import os
+
+    import numpy as np
+
+    buf = bytearray(FINITE_BLOCK)
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
-                check_finite(name, fh.get_tensor(name), f)
+        start, hdr = read_safetensors_header(f)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            for name, v in hdr.items():
+                if name == "__metadata__" or not isinstance(v, dict) or v.get("dtype") not in EXPONENT_MASKS:
+                    continue
+                kind, mask = EXPONENT_MASKS[v["dtype"]]
+                b, e = (start + int(x) for x in v["data_offsets"])
+                bad = 0
+                for off in range(b, e, FINITE_BLOCK):
+                    got = os.preadv(fd, [memoryview(buf)[:min(FINITE_BLOCK, e - off)]], off)
+                    bits = np.frombuffer(buf, dtype=kind, count=got // np.dtype(kind).itemsize)
+                    bad += int(np.count_nonzero((bits & mask) == mask))
+                if bad:
+                    raise EdgepruneError(f"{f}: weight {name} holds {bad} NaN/Inf value(s); the checkpoint is corrupt "
+                                         "or diverged: re-download it or use an earlier checkpoint (edgeprune refuses "
+                                         "non-finite weights)")
+        finally:
+            os.close(fd)
 
 
 def check_vocab(tok, vocab_size: int, where) -> None:

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .errors import EdgepruneError
-from .modelcheck import check_config, check_files_finite, check_finite, check_header_dtypes, check_vocab
+from .modelcheck import (check_config, check_files_finite, check_finite, check_header_dtypes, check_vocab,
+                         read_safetensors_header)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -316,19 +317,8 @@ def meta_model(d: dict):
 
 def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from a safetensors header, after checking the file holds all the bytes the header promises."""
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n <= 1 or 8 + n > size:
-                raise EdgepruneError(f"{f} is truncated or not a safetensors file ({size} bytes); re-download or "
-                                     "re-export the weights")
-            hdr = json.loads(fh.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights") from None
-    if not isinstance(hdr, dict):
-        raise EdgepruneError(f"{f} has a corrupt safetensors header; re-download or re-export the weights")
+    start, hdr = read_safetensors_header(f)
+    size, n = f.stat().st_size, start - 8
     check_header_dtypes(f, hdr)
     try:
         tensors = {k: v for k, v in hdr.items() if k != "__metadata__"}
@@ -345,7 +335,7 @@ def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
 def check_model_dir(model: str | Path) -> Path:
     """Validation of a model directory before any work: config (:mod:`.modelcheck` table), tokenizer files,
     safetensors headers (complete files, float dtypes, shapes matching the config), and every weight finite
-    (streamed one tensor at a time; once per folder state per process). Raises :class:`EdgepruneError`."""
+    (read in blocks, never memory-mapped; once per folder state per process). Raises :class:`EdgepruneError`."""
     path = resolve_dir(model)
     d = read_config(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
