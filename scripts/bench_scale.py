@@ -209,7 +209,8 @@ class Bench:
                      "steps": [], "replaced": []}
         if out_json.exists():   # keep the earlier runs' results; a step run again replaces its row
             old = json.loads(out_json.read_text())
-            self.data.update({k: old.get(k, []) for k in ("runs", "steps", "replaced")})
+            self.data.update({k: v for k, v in old.items() if k not in ("command", "machine")})
+            self.data.setdefault("replaced", [])
             if "runs" not in old:   # a file from before runs were recorded: one run
                 self.data["runs"] = [{"command": old["command"], "machine": old["machine"], "commit": None}]
                 self.data["steps"] = [{**s, "run": 0} for s in self.data["steps"]]
