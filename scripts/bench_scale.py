@@ -300,13 +300,14 @@ def _summary(d: dict) -> list[str]:
     st = {s["name"]: s for s in d["steps"]}
     fwd, mini = st.get("7b fwd-only (streamed LM loss)"), st.get("7b prune mini-llm --stream")
     lines = []
-    if fwd and mini and "peak_rss_mb" in fwd and "peak_rss_mb" in mini:
+    same = lambda a, b: a and b and "peak_rss_mb" in a and "peak_rss_mb" in b and a["run"] == b["run"]
+    if same(fwd, mini):   # ratios only between figures of one run
         r = mini["peak_rss_mb"] / fwd["peak_rss_mb"]
         lines += [f"MINI-LLM streamed prune peak RSS (the whole `prune --stream`: scoring, surgery and writing) / "
                   f"forward-only streamed pass = {mini['peak_rss_mb']:.0f} / {fwd['peak_rss_mb']:.0f} MB = "
                   f"**{r:.3f}×** (acceptance ≤ 1.15×).", ""]
         others = [(m, st.get(f"7b prune {m} --stream")) for m in ("wanda-sp", "bip")]
-        others = [f"{m} {s['peak_rss_mb'] / fwd['peak_rss_mb']:.3f}×" for m, s in others if s and "peak_rss_mb" in s]
+        others = [f"{m} {s['peak_rss_mb'] / fwd['peak_rss_mb']:.3f}×" for m, s in others if same(fwd, s)]
         if others:
             lines += ["The same ratio for the other streamed prunes: " + ", ".join(others) + ".", ""]
     for name, lsq in st.items():
@@ -323,7 +324,8 @@ def _summary(d: dict) -> list[str]:
     p7 = [s for s in d["steps"] if s["part"] == "7b" and s["name"].startswith("7b prune")]
     if p7 and all("peak_rss_mb" in s for s in p7):
         mx = max(s["peak_rss_mb"] for s in p7)
-        lines += [f"7B-shaped pruning peak RSS (max over methods): **{mx / 1024:.2f} GiB** (acceptance ≤ 4 GB).", ""]
+        lines += [f"7B-shaped pruning peak RSS (max over methods, latest figure of each: runs "
+                  f"{', '.join(sorted({str(s['run']) for s in p7}))}): **{mx / 1024:.2f} GiB** (acceptance ≤ 4 GB).", ""]
     return lines
 
 
