@@ -75,8 +75,9 @@ def render(d: dict) -> str:
                 else "dense model: not measured in this run."), "",
              "| ratio | scores | held-back ppl | PTB ppl | prune wall |", "|---|---|---|---|---|"]
     for r in sorted(d["rows"], key=lambda r: (r["ratio"], r["scores"])):
-        lines.append(f"| {r['ratio']:.0%} | {r['scores']} | {r['ppl']['heldout']:.2f} | {r['ppl']['ptb']:.2f} | "
-                     f"{r['prune_wall_s']:.0f} s |")
+        cell = lambda t: f"{r['ppl'][t]:.2f}" if r["ppl"].get(t) is not None else "not reached"
+        wall = f"{r['prune_wall_s']:.0f} s" if r.get("prune_wall_s") else "–"
+        lines.append(f"| {r['ratio']:.0%} | {r['scores']} | {cell('heldout')} | {cell('ptb')} | {wall} |")
     return "\n".join(lines + [""])
 
 
@@ -95,6 +96,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="rows run at once (each a CLI child process)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "recon_scores"))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--rows-from", default=None, metavar="JSON",
+                    help="add rows pruned and evaluated outside the script by the command each names (a JSON list "
+                         "of rows in this script's format); run nothing else")
     a = ap.parse_args()
     js, md = Path(a.out).with_suffix(".json"), Path(a.out).with_suffix(".md")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -102,6 +106,14 @@ def main() -> int:
     d = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
          "machine": f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}",
          "rows": old.get("rows", []), "dense": old.get("dense")}
+    if a.rows_from:
+        extra = json.loads(Path(a.rows_from).read_text())
+        keyed = {(r["ratio"], r["scores"]) for r in extra}
+        d["rows"] = [r for r in d["rows"] if (r["ratio"], r["scores"]) not in keyed] + extra
+        d["command"] += " (rows read from outside runs: each row's command)"
+        js.write_text(json.dumps(d, indent=2) + "\n")
+        md.write_text(render(d))
+        return 0
     ref = reference_model()
     todo = [(r, s) for r in map(float, a.ratios.split(",")) for s in a.scores.split(",")
             if not any(x["ratio"] == r and x["scores"] == s for x in d["rows"])]
