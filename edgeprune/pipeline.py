@@ -225,7 +225,7 @@ def _stage_prune(st, cfg: RunConfig, src: Path, out: Path, profile, plan: dict, 
     if plan["ratio"] <= 0:
         return src
     if not st.done("prune"):
-        _log(f"stage prune: {cfg.method} at ratio {plan['ratio']}")
+        _log(f"stage prune: {cfg.method} at ratio {plan['ratio']} (of the {plan.get('ratio_of', 'params')})")
         st.mark("prune", _prune_at_plan(cfg, src, out, profile, plan, scored))
     return out / "pruned"
 
@@ -261,17 +261,21 @@ def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, ob
     print(planner.format_table(res))
     _log(res.explanation)
     c = res.chosen
-    return {"quant": c.quant, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio, "loss": c.loss,
-            "explanation": res.explanation, "why": res.why, "check": check}, sc
+    return {"quant": c.quant, "ratio": c.ratio, "ratio_of": c.ratio_of, "cost": None if c.cost is None else
+            c.cost.to_dict(), "achieved_ratio": c.achieved_ratio, "loss": c.loss, "explanation": res.explanation,
+            "why": res.why, "check": check}, sc
 
 
 def _prune_at_plan(cfg: RunConfig, src: Path, out: Path, profile, plan: dict, scored) -> dict:
     """Prune at the plan's ratio; the real shapes must be the ones the plan priced (checked, logged)."""
+    from dataclasses import replace
+
     from . import planner
+    from .allocation import UnitCost
     from .prune import run_prune
 
-    r = run_prune(src, out / "pruned", _prune_config(cfg, plan["ratio"], profile), overwrite=True, progress=False,
-                  scored=scored)
+    pcfg = replace(_prune_config(cfg, plan["ratio"], profile), cost=UnitCost.from_dict(plan.get("cost")))
+    r = run_prune(src, out / "pruned", pcfg, overwrite=True, progress=False, scored=scored)
     p = planner.predict(str(out / "pruned"), plan["quant"], profile)
     fits, short = planner.check(p, profile, cfg.margin_pct / 100)
     if not all(fits.values()):   # cannot happen when the allocation is deterministic; never prune again

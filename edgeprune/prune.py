@@ -55,6 +55,7 @@ class PruneConfig:
     sequential: bool | None = None       # sequential calibration of the repair; None: on for lsq/obs
 
     target: Any = None                   # planner.fit.FitTarget: prune to the least ratio that fits it (ratio unused)
+    cost: Any = None                     # allocation.UnitCost: ratio is a fraction of this pool (cost-aware), not params
 
     def repair_mode(self) -> tuple[str, bool] | None:
         """(mode, sequential) of the repair stage, or None to keep the method's own surgery.
@@ -189,9 +190,11 @@ class Scored:
     ctx: Context
     timings: dict
 
-    def plan_at(self, ratio: float):
-        """The method's own allocation at ``ratio`` (no re-scoring)."""
-        return allocate(self.allocation, self.scores, self.groups, replace(self.opts, ratio=ratio), self.ctx)
+    def plan_at(self, ratio: float, cost=None):
+        """The method's own allocation at ``ratio`` (no re-scoring); ``cost``: a cost-aware pool
+        (:class:`~edgeprune.allocation.base.UnitCost`, then ``ratio`` is a fraction of it), else the options'."""
+        opts = replace(self.opts, ratio=ratio) if cost is None else replace(self.opts, ratio=ratio, cost=cost)
+        return allocate(self.allocation, self.scores, self.groups, opts, self.ctx)
 
 
 def score(model, tokenizer, cfg: PruneConfig, progress: bool = True) -> Scored:
@@ -242,7 +245,7 @@ def engine_config(cfg: PruneConfig, method, n_layers: int, nonemb: int, progress
                         skip_first=skip[0] if cfg.skip_first is None else cfg.skip_first,
                         skip_last=skip[1] if cfg.skip_last is None else cfg.skip_last,
                         min_kv=cfg.min_kv, multiple=cfg.multiple, extra=extra,
-                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes)
+                        uniform_kv=cfg.uniform_kv, uniform_shapes=cfg.uniform_shapes, cost=cfg.cost)
     stage = None
     ro = cfg.repair_options()
     if ro is not None:   # the repair stage replaces the method's own surgery (and FLAP's bias compensation)
@@ -292,15 +295,15 @@ def _prune_resident(model, tokenizer, cfg: PruneConfig, progress: bool, sink, sc
         return res, _info(ecfg, res, t1 - t0, cfg.ratio)
     sc = scored or score(model, tokenizer, cfg, progress)
     t2 = time.time()
-    ratio, fit = cfg.ratio, None
+    ratio, fit, cost = cfg.ratio, None, cfg.cost
     if cfg.target is not None:
         from .planner import model_shape
         from .planner.fit import choose_ratio
 
-        ratio = choose_ratio(cfg.target, sc, model_shape(model))
-        fit = {**cfg.target.describe(), "ratio": ratio}
-    plan = sc.plan_at(ratio)
-    ecfg = engine_config(replace(cfg, ratio=ratio), method, n, nonemb, progress)
+        ratio, cost = choose_ratio(cfg.target, sc, model_shape(model))
+        fit = {**cfg.target.describe(), "ratio": ratio, "ratio_of": "params" if cost is None else cost.unit}
+    plan = sc.plan_at(ratio, cost)
+    ecfg = engine_config(replace(cfg, ratio=ratio, cost=cost), method, n, nonemb, progress)
     engine.apply(ResidentSource(model), sink, plan, sc.ctx, ecfg, sc.scores.bias_means)
     res = EngineResult(plan, sc.scores, 2, {"score_s": sc.timings["score_s"],
                                             "allocate_apply_s": round(time.time() - t2, 2)})
@@ -310,7 +313,8 @@ def _prune_resident(model, tokenizer, cfg: PruneConfig, progress: bool, sink, sc
 def _info(ecfg: EngineConfig, res: EngineResult, calib_s: float, ratio: float, fit: dict | None = None) -> dict:
     info = {"allocation": ecfg.allocation, "skip": [ecfg.alloc.skip_first, ecfg.alloc.skip_last], "ratio": ratio,
             "fit": fit, "scores_info": res.scores.info, "timings": {"calib_s": round(calib_s, 2), **res.timings},
-            "plan_meta": dict(res.plan.meta), "passes": res.passes}
+            "plan_meta": dict(res.plan.meta), "passes": res.passes,
+            "cost": None if ecfg.alloc.cost is None else ecfg.alloc.cost.to_dict()}
     if ecfg.stage is not None:
         info["reconstruction"] = ecfg.stage.record()
     return info
@@ -393,6 +397,7 @@ def _provenance(cfg: PruneConfig, model_path, result: PruneResult, info: dict, r
     prov = {
         "edgeprune_version": __version__, "source_model": str(Path(model_path).resolve()), "method": cfg.method,
         "allocation": info["allocation"], "target_ratio": info["ratio"], "fit": info["fit"],
+        "ratio_of": "params" if info.get("cost") is None else info["cost"]["unit"], "cost": info.get("cost"),
         "achieved_ratio": round(result.achieved_ratio, 6),
         "calibration": {"source": cfg.calib, "samples": cfg.calib_samples, "seq_len": cfg.calib_len, "seed": cfg.seed},
         "skip_layers": info["skip"], "round_mlp": cfg.multiple, "min_kv": cfg.min_kv, "options": cfg.options,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import EdgepruneError
-from .base import AllocOptions  # noqa: F401
+from .base import AllocOptions, UnitCost  # noqa: F401
 
 ALLOCATORS = {"uniform": "uniform", "global": "global_", "saap": "saap", "self-pruner": "self_pruner"}
 

@@ -7,7 +7,8 @@ Projection (a documented choice, not from a paper): given the allocator's plan w
 
 * KV: every layer keeps ``k = round(mean_i k_i)`` groups (at least ``min_kv``, at most the smallest layer's
   ``n_kv``), its ``k`` top-scored ones. The allocator's per-layer parameter budget is kept by moving the difference
-  into the MLP: ``m_i' = m_i + (k_i - k) * c_attn / c_mlp`` (then rounded to ``multiple`` and clamped to
+  into the MLP: ``m_i' = m_i + (k_i - k) * c_attn / c_mlp`` (unit costs in the allocation's pool: parameters,
+  or bytes / ms in cost-aware mode) (then rounded to ``multiple`` and clamped to
   ``[multiple, n_mlp]``), keeping the top-scored channels. The total ratio therefore stays that of the allocator up
   to rounding; the skip range applies to the MLP only (a dense first layer would break the constraint).
 * ``uniform_shapes``: additionally every layer keeps ``m = round(mean_i m_i')`` MLP channels (rounded to
@@ -30,8 +31,9 @@ def constrain(plan: Plan, scores, groups, opts) -> Plan:
     k = min(k, min(lg.n_kv for lg in groups))
     mult = max(opts.multiple, 1)
     widths = []
-    for lg, kn, keep in zip(groups, kv_n, plan.keep_mlp):
-        extra = (kn - k) * lg.attn_group_params / lg.mlp_group_params
+    for i, (lg, kn, keep) in enumerate(zip(groups, kv_n, plan.keep_mlp)):
+        c_kv, c_mlp = opts.unit_cost(i, lg)      # parameters, or the cost vector's bytes / ms
+        extra = (kn - k) * c_kv / c_mlp
         widths.append(min(lg.n_mlp, round_mlp(int(round(len(keep) + extra)), lg.n_mlp, mult)))
     if opts.uniform_shapes:
         m = round_mlp(int(round(sum(widths) / len(widths))), min(lg.n_mlp for lg in groups), mult)

@@ -12,7 +12,8 @@ Verified (SAAP abstract / secondary summaries): modules are ranked to decide *wh
    importance is low *and* stable is redundant and is pruned more.
 4. ``r_ℓ = clip(−λ·z_ℓ + t, r_min, r_max)`` with ``z_ℓ`` the z-score of ``log K_ℓ`` over the prunable layers
    (option ``saap_lambda`` = λ, default 0.1 in ratio units, like OWL's λ), and the shift ``t`` found by bisection
-   so that ``Σ_ℓ r_ℓ·P_ℓ`` equals the parameter target exactly (P_ℓ: the layer's prunable parameters), as
+   so that ``Σ_ℓ r_ℓ·P_ℓ`` equals the target exactly (P_ℓ: the layer's prunable parameters, or its pool of bytes / ms
+   in cost-aware mode, :class:`~edgeprune.allocation.base.UnitCost`), as
    :func:`~edgeprune.allocation.base.per_layer_plan` counts it. Bounds: ``saap_min`` (0) and ``saap_max`` (0.9).
    Layers in the skip range (``skip_first`` / ``skip_last``) stay dense.
 """
@@ -45,10 +46,6 @@ class Options(TypedOptions):
 
 
 OPTIONS = (Options,)
-
-
-def layer_params(lg: LayerGroups) -> int:
-    return lg.n_kv * lg.attn_group_params + lg.n_mlp * lg.mlp_group_params
 
 
 def fluctuation(attn: list[torch.Tensor], mlp: list[torch.Tensor], groups: list[LayerGroups], idx: list[int]):
@@ -98,7 +95,8 @@ def saap_ratios(attn, mlp, groups: list[LayerGroups], opts: AllocOptions) -> tup
     mu, fl = fluctuation(attn, mlp, groups, idx)
     k = torch.tensor([max(m * (1 + beta * f), 1e-12) for m, f in zip(mu, fl)], dtype=torch.float64).log()
     z = (k - k.mean()) / (k.std() + 1e-12) if len(idx) > 1 else torch.zeros(1, dtype=torch.float64)
-    w = [float(layer_params(groups[i])) for i in idx]
+    opts.check_cost(len(groups))
+    w = [opts.layer_cost(i, groups[i]) for i in idx]     # parameters, or bytes / ms in cost-aware mode
     r = fit_budget([-lam * float(v) for v in z], w, opts.target_removed, lo, hi)
     ratios = [0.0] * len(groups)
     for i, v in zip(idx, r):

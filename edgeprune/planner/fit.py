@@ -62,34 +62,40 @@ def shape_from_plan(dense: ModelShape, plan, bias_means: list | None = None) -> 
     return replace(dense, layers=tuple(layers))
 
 
-def shape_at(scored, dense: ModelShape) -> Callable[[float], ModelShape]:
-    """``ratio -> shapes`` from the method's own allocation on one scoring (memoized)."""
-    memo: dict[float, ModelShape] = {}
+def shape_at(scored, dense: ModelShape) -> Callable[..., ModelShape]:
+    """``(ratio, cost=None) -> shapes`` from the method's own allocation on one scoring (memoized); ``cost``: the
+    cost-aware pool (:class:`~edgeprune.allocation.base.UnitCost`), None for parameters."""
+    memo: dict = {}
 
-    def at(r: float) -> ModelShape:
-        if r not in memo:
-            memo[r] = dense if r == 0 else shape_from_plan(dense, scored.plan_at(r), scored.scores.bias_means)
-        return memo[r]
+    def at(r: float, cost=None) -> ModelShape:
+        if (r, cost) not in memo:
+            memo[(r, cost)] = dense if r == 0 else shape_from_plan(dense, scored.plan_at(r, cost),
+                                                                   scored.scores.bias_means)
+        return memo[(r, cost)]
     return at
 
 
-def choose_ratio(target: FitTarget, scored, dense: ModelShape) -> float:
-    """Least ratio (bisection at ``target.resolution``) whose real shapes fit every predicted budget; raises
-    :class:`BudgetError` naming the shortfall when even ``max_ratio`` does not fit."""
+def choose_ratio(target: FitTarget, scored, dense: ModelShape):
+    """(ratio, cost): the least ratio (bisection at ``target.resolution``) of the cost-aware pool of the binding
+    budget (:func:`.costs.unit_cost`: bytes with the KV cache for a memory target) whose real shapes fit every
+    predicted budget; raises :class:`BudgetError` naming the shortfall when even ``max_ratio`` does not fit."""
+    from .costs import unit_cost
+
     at = shape_at(scored, dense)
     margin = target.margin_pct / 100
+    cost = unit_cost(dense, target.quant, target.profile)
 
     def fits(r: float) -> bool:
-        return all(check(predict(at(r), target.quant, target.profile), target.profile, margin)[0].values())
+        return all(check(predict(at(r, cost), target.quant, target.profile), target.profile, margin)[0].values())
 
     r = least_ratio(fits, target.max_ratio, target.resolution)
     if r is None:
-        _, short = check(predict(at(target.max_ratio), target.quant, target.profile), target.profile, margin)
+        _, short = check(predict(at(target.max_ratio, cost), target.quant, target.profile), target.profile, margin)
         bad = "; ".join(f"{k} {getattr(target.profile.budgets, k):g} {UNITS[k]} missed by {v:.3g} {UNITS[k]}"
                         for k, v in short.items() if v > 0)
         raise BudgetError(f"even {target.max_ratio:.0%} pruning at {target.quant} does not fit {target.profile.name}: "
                           f"{bad}; raise the budget or choose a smaller quant")
-    return r
+    return r, cost
 
 
 def verify_context() -> int:

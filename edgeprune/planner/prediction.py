@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import EdgepruneError
 from .shapes import model_shape
-from .tensor_bytes import kv_alloc_tokens, kv_bytes, kv_elem_bytes, matmul_params, tensors
+from .tensor_bytes import kv_cache_bytes, kv_elem_bytes, matmul_params, tensors
 
 MIB = 1 << 20
 
@@ -66,6 +66,23 @@ class Prediction:
         for k in ("peak_rss_mb", "file_mb", "decode_tps", "prefill_tps", "decode_ms"):
             d[k] = round(d[k], 3)
         return d
+
+
+def kv_read_bytes(n_kv: int, head_dim: int, pos: int, kv_elem: int) -> int:
+    """KV cache read per decoded token at position ``pos``: ``2 * n_kv * head_dim * pos * kv_elem`` (K and V)."""
+    return 2 * n_kv * head_dim * pos * kv_elem
+
+
+def attention_flops(n_q: int, head_dim: int) -> int:
+    """Attention flops per decoded token and KV position: ``4 * n_q * head_dim`` (scores and weighted sum)."""
+    return 4 * n_q * head_dim
+
+
+def decode_terms_s(bytes_read: float, flops: float, profile) -> tuple[float, float]:
+    """(bandwidth term, compute term) of one decode step, seconds: ``bytes / (peak_bw * factor)`` and
+    ``flops / compute``; the fixed per-token and per-layer overheads come on top (:func:`predict`)."""
+    bw = profile.peak_bandwidth_gbps * profile.effective_bandwidth_factor * 1e9
+    return bytes_read / bw, flops / (profile.compute_gflops * 1e9)
 
 
 def compute_buffer_bytes(ms, ctx: int, runtime: str, is_host: bool = False) -> int:
@@ -102,7 +119,7 @@ def predict(shapes: Any, quant: str, profile, *, kv_tokens: int | None = None, n
     ts = tensors(ms, quant, rt)
     w = sum(t.nbytes for t in ts)
     kv_elem = kv_elem_bytes(quant, rt)
-    kv = kv_bytes(ms, kv_alloc_tokens(ctx, rt), quant, rt) * (2 if rt == "onnxruntime" else 1)
+    kv = kv_cache_bytes(ms, ctx, quant, rt)
     compute_buf = compute_buffer_bytes(ms, ctx, rt, profile.is_host)
     overhead = int(profile.runtime_overhead_mb * MIB) + compute_buf
     peak = (w + kv + overhead) / MIB
@@ -111,15 +128,15 @@ def predict(shapes: Any, quant: str, profile, *, kv_tokens: int | None = None, n
     read = w - emb.nbytes + emb.nbytes // max(1, emb.ne1)
     if ms.tied and rt == "llama.cpp":
         read += emb.nbytes
-    kv_read = 2 * sum(s.num_key_value_heads for s in ms.layers) * ms.head_dim * pos * kv_elem
+    kv_read = kv_read_bytes(sum(s.num_key_value_heads for s in ms.layers), ms.head_dim, pos, kv_elem)
     bpt = read + kv_read
-    attn_flops = 4 * sum(s.num_attention_heads for s in ms.layers) * ms.head_dim
-    bw = profile.peak_bandwidth_gbps * profile.effective_bandwidth_factor * 1e9
+    attn_flops = attention_flops(sum(s.num_attention_heads for s in ms.layers), ms.head_dim)
     fixed_s = (profile.per_token_overhead_ms + ms.n_layers * profile.per_layer_overhead_ms) / 1e3
-    t_mem, t_cmp = bpt / bw, attn_flops * pos / (profile.compute_gflops * 1e9)
+    t_mem, t_cmp = decode_terms_s(bpt, attn_flops * pos, profile)
     dec_s = fixed_s + t_mem + t_cmp
     pf_flops = n_prompt * 2 * matmul_params(ms) + attn_flops * n_prompt * n_prompt / 2
-    pf_s = fixed_s + read / bw + pf_flops / (profile.compute_gflops * 1e9)
+    pf_mem, pf_cmp = decode_terms_s(read, pf_flops, profile)
+    pf_s = fixed_s + pf_mem + pf_cmp
     meta = 4096 + ms.vocab * 24 + len(ts) * 96                 # GGUF header, vocab strings/scores/types, tensor infos
     return Prediction(quant=quant, weight_bytes=w, kv_bytes=kv, overhead_bytes=overhead, peak_rss_mb=peak,
                       file_mb=(w + meta) / 1e6, decode_tps=1 / dec_s, prefill_tps=n_prompt / pf_s,

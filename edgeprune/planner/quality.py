@@ -8,7 +8,7 @@ calibration reads their *valid* splits, not the test texts.
 **Loss** of a candidate (quant ``q``, ratio ``r``) as ``Δ ln ppl`` against the dense model:
 
 * pruning loss ``P(r) = ln ppl_torch(pruned at r) − ln ppl_torch(dense)``: the method's own allocation at ``r``
-  from the one scoring, applied by surgery (with the method's bias compensation) to a copy of the model. A
+  (cost-aware: ``r`` of the candidate's pool, :mod:`.costs`) from the one scoring, applied by surgery (with the method's bias compensation) to a copy of the model. A
   method whose default adds the reconstruction stage (:mod:`edgeprune.repair`, e.g. ``obs``) is measured
   *without* it (one refit per ratio would multiply the plan's cost): ``P`` then over-states the pruned model's
   loss, which can only make the planner prefer less pruning;
@@ -77,7 +77,7 @@ class MeasuredQuality:
         self.ids = heldout_ids(tokenizer, source, n, seq_len, seed)
         self.slice = f"{source}: {n} x {seq_len} tokens, seed {seed + HELDOUT_SEED_OFFSET} (held out from calibration)"
         self.dense_nll = torch_nll(self.model, self.ids)
-        self._prune: dict[float, float] = {0.0: 0.0}
+        self._prune: dict[tuple, float] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="edgeprune-quality-")
         self.quants, self._quant, self._dense_rt = tuple(quants), None, None
 
@@ -109,21 +109,24 @@ class MeasuredQuality:
         quantize(f16, art, q, threads=self.threads)
         return runtime_nll(art, self.ids, self.threads) - base
 
-    def pruned(self, r: float):
-        """A copy of the model pruned at ``r`` by the method's allocation on the one scoring."""
+    def pruned(self, r: float, cost=None):
+        """A copy of the model pruned at ``r`` (of ``cost``'s pool, or of the parameters) by the method's allocation
+        on the one scoring."""
         from ..surgery import apply_plan
 
         m = copy.deepcopy(self.model)
-        apply_plan(m, self.scored.plan_at(r), self.scored.scores.bias_means)
+        apply_plan(m, self.scored.plan_at(r, cost), self.scored.scores.bias_means)
         return m
 
-    def prune_loss(self, r: float) -> float:
-        if r not in self._prune:
-            self._prune[r] = torch_nll(self.pruned(r), self.ids) - self.dense_nll
-        return self._prune[r]
+    def prune_loss(self, r: float, cost=None) -> float:
+        if r == 0:
+            return 0.0
+        if (r, cost) not in self._prune:
+            self._prune[(r, cost)] = torch_nll(self.pruned(r, cost), self.ids) - self.dense_nll
+        return self._prune[(r, cost)]
 
-    def loss(self, quant: str, ratio: float, achieved_ratio: float) -> float:
-        return self.prune_loss(ratio) + self.quant[quant]
+    def loss(self, quant: str, ratio: float, achieved_ratio: float, cost=None) -> float:
+        return self.prune_loss(ratio, cost) + self.quant[quant]
 
     def rank(self, c: Candidate) -> tuple:
         return (round(c.loss, 4),)       # equal to 0.01% of ppl: a tie, the faster one wins
@@ -138,7 +141,7 @@ class MeasuredQuality:
         d = Path(self._tmp.name) / f"e2e-{c.quant}-{c.ratio}"
         src = self.model_dir
         if c.ratio > 0:
-            save(self.pruned(c.ratio), d / "model", tokenizer_src=self.model_dir, provenance={"purpose": "plan check"})
+            save(self.pruned(c.ratio, c.cost), d / "model", tokenizer_src=self.model_dir, provenance={"purpose": "plan check"})
             src = d / "model"
         f16 = d / "f16.gguf"
         d.mkdir(parents=True, exist_ok=True)
@@ -154,7 +157,8 @@ class MeasuredQuality:
                 "quant_basis": "prior (no runtime quantizer for this runtime)" if self.runtime != "llama.cpp" else
                 "measured on llama.cpp",
                 "quant_loss": {q: round(v, 6) for q, v in (self._quant or {}).items()},
-                "prune_loss": {str(r): round(v, 6) for r, v in sorted(self._prune.items())}}
+                "prune_loss": {f"{r}" + ("" if c is None else f" of {c.unit}"): round(v, 6)
+                               for (r, c), v in sorted(self._prune.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))}}
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -178,7 +182,7 @@ def confirm(res, quality: MeasuredQuality, profile, tol: float = 1e-3) -> dict:
     swapped = len(rows) == 2 and rows[1]["measured"] < rows[0]["measured"] - tol
     if swapped:
         res.chosen, res.runner_up = res.runner_up, res.chosen
-        res.chosen_shapes = quality_shape(quality, res.chosen.ratio)
+        res.chosen_shapes = quality_shape(quality, res.chosen.ratio, res.chosen.cost)
         c, r = res.chosen, res.runner_up
         res.why = (f"{c.quant} at {c.achieved_ratio:.1%} pruning beat the runner-up {r.quant} at "
                    f"{r.achieved_ratio:.1%} because, measured end to end on the runtime, its quality loss is lower "
@@ -193,9 +197,10 @@ def confirm(res, quality: MeasuredQuality, profile, tol: float = 1e-3) -> dict:
     return check
 
 
-def quality_shape(quality: MeasuredQuality, r: float):
+def quality_shape(quality: MeasuredQuality, r: float, cost=None):
     from .fit import shape_from_plan
     from .shapes import model_shape
 
     dense = model_shape(quality.model)
-    return dense if r == 0 else shape_from_plan(dense, quality.scored.plan_at(r), quality.scored.scores.bias_means)
+    return dense if r == 0 else shape_from_plan(dense, quality.scored.plan_at(r, cost),
+                                                quality.scored.scores.bias_means)

@@ -2,8 +2,12 @@
 
 **Candidates.** For every allowed quant, the least ratio whose shapes fit every predicted budget (memory with the
 KV cache at the profile's context, decode latency, prefill) is found by bisection at ``resolution`` (0.5% of the
-non-embedding parameters) on ``shape_at(ratio)``: the method's real allocation when the model's weights were
-scored (:mod:`edgeprune.planner.fit`), else the uniform config-only prediction (:func:`~.shapes.pruned_shape`).
+pool) on ``shape_at(ratio, cost)``: the method's real allocation when the model's weights were scored
+(:mod:`edgeprune.planner.fit`), else the uniform config-only prediction (:func:`~.shapes.pruned_shape`). With the
+real allocation the planner is **cost-aware** (:mod:`.costs`): each quant's allocation removes what costs least
+quality per byte (memory binds: weights + KV cache at the profile's context) or per predicted ms (decode latency
+binds), and its ratio is the fraction of that pool (bytes / ms of the layers) removed; ``achieved_ratio`` is
+always the fraction of non-embedding parameters. The config-only prediction stays in parameters.
 A grid of ratios (every 5%) is predicted too, for the table and the frontier; the step below each least ratio
 is kept as evidence that less pruning does not fit.
 
@@ -19,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Protocol
 
 from ..errors import BudgetError, EdgepruneError
+from ..allocation.base import UnitCost
+from .costs import costs_for
 from .judge import UNITS as _UNITS
 from .judge import judge
 from .prediction import Prediction, predict
@@ -41,6 +47,12 @@ class Candidate:
     loss: float | None = None        # predicted quality loss, Δ ln ppl
     loss_basis: str = ""             # 'measured' or 'prior'
     role: str = "grid"               # 'grid', 'least' (least fitting ratio of its quant) or 'below' (one step less)
+    cost: UnitCost | None = field(default=None, repr=False)   # cost-aware allocation's pool (None: parameters)
+
+    @property
+    def ratio_of(self) -> str:
+        """What ``ratio`` is a fraction of: 'params', or the cost pool's unit ('bytes', 'ms')."""
+        return "params" if self.cost is None else self.cost.unit
 
     @property
     def feasible(self) -> bool:
@@ -52,7 +64,7 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {"quant": self.quant, "ratio": self.ratio, "achieved_ratio": round(self.achieved_ratio, 4),
-                "feasible": self.feasible, "fits": self.fits, "role": self.role,
+                "ratio_of": self.ratio_of, "feasible": self.feasible, "fits": self.fits, "role": self.role,
                 "shortfall": {k: round(v, 3) for k, v in self.shortfall.items()},
                 "loss": None if self.loss is None else round(self.loss, 6),
                 "loss_pct": None if self.loss is None else round(self.loss_pct, 3), "loss_basis": self.loss_basis,
@@ -64,7 +76,7 @@ class QualityModel(Protocol):
 
     basis: str
 
-    def loss(self, quant: str, ratio: float, achieved_ratio: float) -> float: ...
+    def loss(self, quant: str, ratio: float, achieved_ratio: float, cost: UnitCost | None = None) -> float: ...
 
     def rank(self, c: Candidate) -> tuple: ...
 
@@ -74,7 +86,7 @@ class PriorQuality:
 
     basis = "prior"
 
-    def loss(self, quant: str, ratio: float, achieved_ratio: float) -> float:
+    def loss(self, quant: str, ratio: float, achieved_ratio: float, cost: UnitCost | None = None) -> float:
         return prior_loss(quant, achieved_ratio)
 
     def rank(self, c: Candidate) -> tuple:
@@ -148,38 +160,43 @@ def least_ratio(fits: Callable[[float], bool], hi: float, resolution: float = RE
 class _Evaluator:
     """Predictions, budget checks and losses of (quant, ratio), each computed once."""
 
-    def __init__(self, ms: ModelShape, profile, shape_at: Callable[[float], ModelShape], quality: QualityModel,
-                 margin: float):
-        self.ms, self.profile, self.quality, self.margin = ms, profile, quality, margin
+    def __init__(self, ms: ModelShape, profile, shape_at: Callable[..., ModelShape], quality: QualityModel,
+                 margin: float, costs: dict[str, UnitCost | None]):
+        self.ms, self.profile, self.quality, self.margin, self.costs = ms, profile, quality, margin, costs
         self._shape_at, self.shapes, self.preds = shape_at, {}, {}
 
-    def shape(self, r: float) -> ModelShape:
-        if r not in self.shapes:
-            self.shapes[r] = self.ms if r == 0 else self._shape_at(r)
-        return self.shapes[r]
+    def shape(self, q: str, r: float) -> ModelShape:
+        key = (self.costs.get(q), r)
+        if key not in self.shapes:
+            self.shapes[key] = self.ms if r == 0 else self._shape_at(r, key[0])
+        return self.shapes[key]
 
     def predicted(self, q: str, r: float) -> Candidate:
         if (q, r) not in self.preds:
-            ps = self.shape(r)
+            ps = self.shape(q, r)
             p = predict(ps, q, self.profile)
             fits, short = check(p, self.profile, self.margin)
             self.preds[(q, r)] = Candidate(q, r, 1 - ps.non_embedding_params / self.ms.non_embedding_params, p, fits,
-                                           short)
+                                           short, cost=self.costs.get(q))
         return self.preds[(q, r)]
 
     def candidate(self, q: str, r: float, role: str = "grid") -> Candidate:
         c = self.predicted(q, r)
-        return replace(c, loss=self.quality.loss(q, r, c.achieved_ratio), loss_basis=self.quality.basis, role=role)
+        return replace(c, loss=self.quality.loss(q, r, c.achieved_ratio, c.cost), loss_basis=self.quality.basis,
+                       role=role)
 
 
 def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_multiple: int = 32,
-         strict: bool = True, margin_pct: float = 0.0, shape_at: Callable[[float], ModelShape] | None = None,
-         quality: QualityModel | None = None, resolution: float = RESOLUTION) -> PlanResult:
+         strict: bool = True, margin_pct: float = 0.0, shape_at: Callable[..., ModelShape] | None = None,
+         quality: QualityModel | None = None, resolution: float = RESOLUTION,
+         cost_aware: bool | None = None) -> PlanResult:
     """Candidates and the choice by the policy in the module doc.
 
     ``model``: a model directory, config dict, HF model or :class:`ModelShape` (dense shapes; if already pruned,
-    ratios are relative to it). ``shape_at(ratio)``: the shapes the method's allocation gives (default: the
-    uniform config-only prediction). ``quality``: measured losses (default: the prior). ``margin_pct`` demands
+    ratios are relative to it). ``shape_at(ratio, cost)``: the shapes the method's allocation gives at ``ratio``
+    of the pool ``cost`` (None: parameters; default: the uniform config-only prediction, always in parameters).
+    ``cost_aware`` (default: when ``shape_at`` is given) prices each quant's allocation by its binding budget
+    (:func:`.costs.costs_for`). ``quality``: measured losses (default: the prior). ``margin_pct`` demands
     that predictions beat each budget by that many percent. Raises :class:`BudgetError` (exit 3) with a
     one-line reason when nothing fits and ``strict``; the full :class:`PlanResult` is attached as ``err.result``.
     """
@@ -191,14 +208,16 @@ def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_mult
     grid = sorted(set(DEFAULT_RATIOS if ratios is None else (round(float(r), 4) for r in ratios)))
     if any(not 0 <= r < 1 for r in grid):
         raise EdgepruneError(f"ratios {grid} out of range; ratios must lie in [0, 1)")
-    ev = _Evaluator(ms, profile, shape_at or (lambda r: pruned_shape(ms, r, mlp_multiple)), quality or PriorQuality(),
-                    margin_pct / 100)
-    cands = _candidates(ev, profile.quants_best_first(), grid, resolution)
+    quants = profile.quants_best_first()
+    costs = costs_for(ms, profile, quants) if (shape_at is not None if cost_aware is None else cost_aware) else {}
+    ev = _Evaluator(ms, profile, shape_at or (lambda r, cost=None: pruned_shape(ms, r, mlp_multiple)),
+                    quality or PriorQuality(), margin_pct / 100, costs)
+    cands = _candidates(ev, quants, grid, resolution)
     ranked = sorted((c for c in cands if c.role == "least"), key=lambda c: (ev.quality.rank(c), c.prediction.decode_ms))
     chosen = ranked[0] if ranked else None
     res = PlanResult(profile.name, profile.runtime, ms.name, ms.total_params, ms.non_embedding_params,
                      {k: getattr(profile.budgets, k) for k in (*PREDICTED, "max_dppl_pct")}, cands, chosen,
-                     ev.shape(chosen.ratio) if chosen else None, "", notes=_notes(profile),
+                     ev.shape(chosen.quant, chosen.ratio) if chosen else None, "", notes=_notes(profile, costs),
                      calibrated=profile.calibrated, mlp_multiple=mlp_multiple, quality_basis=ev.quality.basis,
                      runner_up=ranked[1] if len(ranked) > 1 else None)
     if chosen is not None:
@@ -228,12 +247,16 @@ def _candidates(ev: _Evaluator, quants: tuple[str, ...], grid: list[float], reso
             for (q, r), role in sorted(roles.items(), key=lambda x: (order[x[0][0]], x[0][1]))]
 
 
-def _notes(profile) -> list[str]:
+def _notes(profile, costs: dict[str, UnitCost | None]) -> list[str]:
     b = profile.budgets
     notes = [f"memory and speed are projected for {profile.name} "
              f"({'calibrated on a measured host run' if profile.calibrated else 'uncalibrated figures'}); "
              f"memory counts the KV cache at the profile's context ({profile.context_length} tokens); decode "
              "latency is taken at the full context"]
+    if costs:
+        notes.append("cost-aware allocation: " + "; ".join(
+            f"{q}: ratio = fraction of the layers' {'parameters' if c is None else c.unit} removed"
+            + ("" if c is None else f" ({c.basis})") for q, c in costs.items()))
     if b.max_dppl_pct is not None:
         notes.append(f"max_dppl_pct {b.max_dppl_pct:g}% is not predicted; it is checked on measured perplexity "
                      "after pruning and recovery")
@@ -310,6 +333,10 @@ def format_table(result: PlanResult) -> str:
              f"cells: peak MB / decode ms per token, predicted quality loss (% ppl, {result.quality_basis}); "
              "* chosen, < least fitting ratio, ok fits, M/L/P = misses memory/latency/prefill",
              "ratio  " + "".join(f"{q:>{w}}" for q in quants)]
+    units = {q: c.ratio_of for c in result.candidates for q in [c.quant]}
+    if set(units.values()) != {"params"}:
+        lines.insert(2, "ratio = fraction removed of the layers' " + ", ".join(f"{u} ({q})" for q, u in units.items())
+                     + " (cost-aware allocation); achieved parameter ratios are in plan.json")
     for r in ratios:
         row = f"{r:6.3f} "
         for q in quants:

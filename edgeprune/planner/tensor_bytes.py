@@ -30,7 +30,7 @@ graph keeps a transposed copy for the MatMul).
     onnxruntime: element size 4 (2 for fp16) and x2, because past and present coexist during a step.
 
 So one KV group of layer ``l`` costs its weights *and* ``2 * C * head_dim * elem`` bytes of cache; an MLP channel
-only its weights (:func:`group_bytes`).
+only its weights (:func:`group_bytes`; :func:`kv_cache_bytes` is the cache as allocated, what memory counts).
 """
 from __future__ import annotations
 
@@ -175,6 +175,48 @@ def kv_bytes(ms: ModelShape, n_tokens: int, quant: str = "f16", runtime: str = "
 
 def kv_alloc_tokens(ctx: int, runtime: str) -> int:
     return -(-ctx // 256) * 256 if runtime == "llama.cpp" else ctx
+
+
+def kv_cache_bytes(ms: ModelShape, ctx: int, quant: str = "f16", runtime: str = "llama.cpp") -> int:
+    """The KV cache the runtime holds at context ``ctx``: :func:`kv_bytes` at :func:`kv_alloc_tokens` (llama.cpp
+    pads the context to a multiple of 256), x2 on onnxruntime (past and present coexist during a step)."""
+    return kv_bytes(ms, kv_alloc_tokens(ctx, runtime), quant, runtime) * (2 if runtime == "onnxruntime" else 1)
+
+
+ATTN_GROUP_TENSORS = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "attn_q.bias",
+                      "attn_k.bias", "attn_v.bias")
+MLP_CHANNEL_TENSORS = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+def layer_module_bytes(ms: ModelShape, quant: str, runtime: str) -> tuple[list[int], list[int]]:
+    """Per layer, the bytes of the tensors KV groups own (q/k/v/o and the q/k/v biases) and of those MLP channels
+    own (gate/up/down), at the types the runtime stores them (:func:`tensors`)."""
+    attn, mlp = [0] * ms.n_layers, [0] * ms.n_layers
+    for t in tensors(ms, quant, runtime):
+        if t.name.startswith("blk."):
+            i, rest = t.name[4:].split(".", 1)
+            if rest in ATTN_GROUP_TENSORS:
+                attn[int(i)] += t.nbytes
+            elif rest in MLP_CHANNEL_TENSORS:
+                mlp[int(i)] += t.nbytes
+    return attn, mlp
+
+
+def group_bytes(ms: ModelShape, quant: str, runtime: str, ctx: int) -> tuple[list[float], list[float]]:
+    """Per layer i, what one KV group and one MLP channel cost on the runtime, in bytes::
+
+        kv[i]  = attn_tensor_bytes_i / n_kv_i + kv_cache_bytes(ms, ctx) / sum_l n_kv_l
+        mlp[i] = ffn_tensor_bytes_i / n_mlp_i
+
+    averaged over the dense layer's tensors at their runtime types (a pruned row length can change a K-quant
+    tensor's fallback type; the planner prices the real pruned shapes with :func:`tensors`, this is the rate the
+    allocator trades units at). KV cache per group: linear in the groups with flash attention (no V padding)."""
+    attn, mlp = layer_module_bytes(ms, quant, runtime)
+    n_kv = sum(s.num_key_value_heads for s in ms.layers)
+    per_group_cache = kv_cache_bytes(ms, ctx, quant, runtime) / n_kv if n_kv else 0.0
+    kv = [a / s.num_key_value_heads + per_group_cache if s.num_key_value_heads else 0.0
+          for a, s in zip(attn, ms.layers)]
+    return kv, [m / s.intermediate_size if s.intermediate_size else 0.0 for m, s in zip(mlp, ms.layers)]
 
 
 def matmul_params(ms: ModelShape) -> int:
