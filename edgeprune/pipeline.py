@@ -240,14 +240,18 @@ def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, ob
     from .prune import score
 
     model, tok = load(src), load_tokenizer(src)
-    sc = score(model, tok, _prune_config(cfg, 0.5, profile), progress=False)
+    pcfg = _prune_config(cfg, 0.5, profile)
+    sc = score(model, tok, pcfg, progress=False)
     dense = planner.model_shape(model)
+    ro = pcfg.repair_options()
     q = MeasuredQuality(sc, src, tok, profile.runtime, profile.quants_best_first(), seed=cfg.seed,
-                        threads=cfg.threads)
+                        threads=cfg.threads, repair=None if ro is None else ro.mode)
     try:
         try:
             res = planner.plan(dense, profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct,
                                shape_at=shape_at(sc, dense), quality=q)
+            if q.repair_note():
+                res.notes.append(q.repair_note())
         except BudgetError as e:
             r = getattr(e, "result", None)
             if r is not None:
@@ -259,6 +263,8 @@ def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, ob
     finally:
         q.close()
     print(planner.format_table(res))
+    for n in res.notes:
+        _log(f"note: {n}")
     _log(res.explanation)
     c = res.chosen
     return {"quant": c.quant, "ratio": c.ratio, "ratio_of": c.ratio_of, "cost": None if c.cost is None else

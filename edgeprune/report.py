@@ -158,6 +158,7 @@ def write_report(out: Path, profile, state: dict, cfg) -> dict:
         rep["plan_why"], rep["plan_check"] = pj.get("why"), pj.get("check")
         rep["plan_table"] = pj.get("table_text")
         rep["quality_basis"] = pj.get("quality_basis")
+        rep["plan_notes"] = pj.get("notes") or []
         if _frontier(out, pj):
             plots.append("frontier.png")
     rep["plots"] = plots
@@ -195,6 +196,7 @@ def _markdown(r: dict, profile) -> str:
         L.append("")
     if r.get("plan_table"):
         L += ["## Plan (every candidate, predicted)", "", "```", r["plan_table"], "```", ""]
+        L += [f"- {n}" for n in r.get("plan_notes", [])] + ([""] if r.get("plan_notes") else [])
     if r.get("prune"):
         L.append(f"Pruned: achieved {r['prune']['achieved_ratio']:.2%} of non-embedding parameters removed, "
                  f"{r['prune']['params_after']:,} parameters.")

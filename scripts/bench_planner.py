@@ -125,6 +125,116 @@ def rows_measured(ref: Path, profiles: list) -> list[dict]:
     return rows
 
 
+def _pruned_dir(ref: Path, d: Path, ratio: float, cost, reconstruct: str | None) -> Path:
+    """``edgeprune run``'s prune stage at ``ratio`` (of ``cost``'s pool, or of the parameters): OBS, 64 calibration
+    samples, seed 0, MLP widths in multiples of 32, the method's default repair unless ``reconstruct``."""
+    from edgeprune.prune import PruneConfig, run_prune
+
+    cfg = PruneConfig("obs", ratio, calib_samples=64, multiple=32, cost=cost, reconstruct=reconstruct)
+    run_prune(ref, d, cfg, overwrite=True, progress=False)
+    return d
+
+
+def _heldout_nll(model_dir: Path, chunks):
+    import torch
+
+    from edgeprune.models import load
+    from exporters.ppl import torch_nll
+
+    with torch.no_grad():
+        return torch_nll(load(model_dir), chunks)
+
+
+def _cost_row(ref: Path, prof, d: Path, mode: str, res, chunks, sample_idx) -> dict:
+    """One allocation mode at its least fitting ratio: predicted and measured peak memory (f16 GGUF on llama.cpp),
+    held-back perplexity without repair and with the default repair (whole text, and a 64-chunk sample)."""
+    import exporters
+    from exporters.ppl import estimate
+    from exporters.speed import measure_subprocess
+
+    c = res.chosen
+    row = {"mode": mode, "ratio": c.ratio, "ratio_of": c.ratio_of, "achieved": round(c.achieved_ratio, 4),
+           "kv_groups": sum(s.num_key_value_heads for s in res.chosen_shapes.layers),
+           "mlp_channels": sum(s.intermediate_size for s in res.chosen_shapes.layers),
+           "predicted_mb": round(c.prediction.peak_rss_mb, 2), "nll": {}}
+    for rec in ("none", None):
+        name = "no repair" if rec == "none" else "default repair (lsq)"
+        md = _pruned_dir(ref, d / f"{mode}-{rec or 'default'}", c.ratio, c.cost, rec)
+        nll = _heldout_nll(md, chunks)
+        row["nll"][name] = nll
+        whole, smp = estimate(nll, len(nll), 128), estimate(nll[sample_idx], len(nll), 128, 0)
+        row[name] = {"whole_ppl": round(whole.ppl, 3), "sample_ppl": round(smp.ppl, 3),
+                     "sample_ci95": [round(smp.lo, 3), round(smp.hi, 3)]}
+        if rec is None:
+            art = d / f"{mode}.gguf"
+            exporters.export(str(md), "gguf", str(art), quant="f16")
+            row["measured_mb"] = round(measure_subprocess(art, threads=1, n_ctx=prof.context_length)["peak_rss_mb"], 2)
+    return row
+
+
+def rows_cost(ref: Path, prof) -> dict:
+    """Cost-aware (bytes with the KV cache at the profile's context) vs parameter-ratio allocation, each at its least
+    ratio (0.5% bisection, 2% margin) that fits ``prof`` on one OBS scoring; quality on the held-back text."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from edgeprune import planner as P
+    from edgeprune.data import eval_ids
+    from edgeprune.models import load, load_tokenizer
+    from edgeprune.planner.fit import shape_at
+    from edgeprune.prune import PruneConfig, score
+    from exporters.ppl import chunk_ids, paired_delta, sample_indices
+
+    torch.set_num_threads(1)
+    model, tok = load(ref), load_tokenizer(ref)
+    sc = score(model, tok, PruneConfig("obs", 0.5, calib_samples=64, multiple=32), progress=False)
+    dense = P.model_shape(model)
+    chunks = chunk_ids(eval_ids(tok, "heldout").numpy(), 128)
+    idx = sample_indices(len(chunks), 64, 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for mode, aware in (("parameter ratio", False), ("cost-aware (bytes)", True)):
+            res = P.plan(dense, prof, margin_pct=2.0, shape_at=shape_at(sc, dense), cost_aware=aware)
+            rows.append(_cost_row(ref, prof, Path(d), mode, res, chunks, idx))
+    paired = {}
+    for name in rows[0]["nll"]:
+        a, b = rows[1]["nll"][name], rows[0]["nll"][name]
+        paired[name] = {"whole_pct": round(paired_delta(a, b, len(a))[0], 3),
+                        "sample_pct_ci95": [round(x, 3) for x in paired_delta(a[idx], b[idx], len(a))]}
+    for r in rows:
+        r.pop("nll")
+    return {"profile": prof.name, "context": prof.context_length, "budget_mb": prof.budgets.max_memory_mb,
+            "chunks": int(len(chunks)), "rows": rows, "cost_vs_param": paired}
+
+
+def cost_markdown(c: dict) -> list[str]:
+    L = ["", "## Cost-aware vs parameter-ratio allocation at equal memory (issue #14 item 2)", "",
+         f"Profile {c['profile']} (f16, context {c['context']}, memory <= {c['budget_mb']:g} MB, speed budgets "
+         "relaxed), reference model, OBS scores (64 calibration samples, seed 0, MLP multiple 32), one scoring. "
+         "Each mode at its least ratio that fits (0.5% bisection, 2% margin): *parameter ratio* removes a fraction of "
+         "the non-embedding parameters ranking units by score; *cost-aware* removes a fraction of the layers' device "
+         "bytes (weights + F16 KV cache at the context) ranking units by score per byte. Quality: perplexity on the "
+         f"reference model's held-back text in PyTorch, whole text ({c['chunks']} chunks of 128 tokens), and a "
+         "seeded 64-chunk sample with its 95% interval (the dev-loop figure); pruned with no repair (what the "
+         "planner's quality estimate measures) and with OBS's default sequential lsq repair (what `run` ships). "
+         "Measured MB: the repaired model's f16 GGUF on llama.cpp (exporters.speed, n_ctx = the context).", "",
+         "| mode | ratio | params removed | KV groups | MLP channels | predicted MB | measured MB | ppl no repair "
+         "(whole; sample [95% CI]) | ppl with repair (whole; sample [95% CI]) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        cell = lambda k: (f"{r[k]['whole_ppl']:.2f}; {r[k]['sample_ppl']:.2f} [{r[k]['sample_ci95'][0]:.2f}, "
+                          f"{r[k]['sample_ci95'][1]:.2f}]")
+        L.append(f"| {r['mode']} | {r['ratio']:.3f} of {r['ratio_of']} | {r['achieved']:.1%} | {r['kv_groups']} | "
+                 f"{r['mlp_channels']} | {r['predicted_mb']:.2f} | {r['measured_mb']:.2f} | {cell('no repair')} | "
+                 f"{cell('default repair (lsq)')} |")
+    L += ["", "Cost-aware vs parameter ratio, paired on the same chunks (100·(ppl_cost/ppl_param − 1)): " + "; ".join(
+        f"{k}: whole text {v['whole_pct']:+.2f}%, 64-chunk sample {v['sample_pct_ci95'][0]:+.2f}% "
+        f"[{v['sample_pct_ci95'][1]:+.2f}, {v['sample_pct_ci95'][2]:+.2f}]" for k, v in c["cost_vs_param"].items())
+        + "."]
+    return L
+
+
 def fmt(c) -> str:
     if c is None:
         return "refused (nothing fits)"
@@ -157,7 +267,21 @@ def markdown(res: dict) -> str:
           "budget (then the old `run` re-pruned in 5% steps), so a lower *before* loss on a measured row is not a "
           "feasible alternative: *now* is the least ratio whose real shapes fit.", "",
           f"Wall time {res['wall_s']} s."]
+    if res.get("cost"):
+        L += cost_markdown(res["cost"]) + ["", f"Command: `{res['cost'].get('command', res['command'])}`; wall time "
+                                          f"{res['cost'].get('wall_s')} s."]
     return "\n".join(L) + "\n"
+
+
+def _relaxed_demo():
+    """demo-tiny-budget with its speed budgets relaxed: the shared machine is loaded, memory binds."""
+    from dataclasses import replace
+
+    from device_profiles import load_profile
+
+    demo = load_profile("demo-tiny-budget")
+    return replace(demo, name="demo-tiny-budget (speed budgets relaxed)",
+                   budgets=replace(demo.budgets, max_decode_ms_per_token=100.0, min_prefill_tps=10.0))
 
 
 def main() -> int:
@@ -170,19 +294,28 @@ def main() -> int:
 
     t0 = time.time()
     ref = reference_model_dir()
+    out = ROOT / "benchmarks"
+    if "--part" in sys.argv and sys.argv[sys.argv.index("--part") + 1] == "cost":   # only the cost section
+        res = json.loads((out / "planner.json").read_text())
+        res["cost"] = {**rows_cost(ref, _relaxed_demo()), "command": "python scripts/bench_planner.py --part cost",
+                       "host_calibration": calibrate(ref) if "--calibrate" in sys.argv else "saved host calibration",
+                       "wall_s": round(time.time() - t0, 1)}
+        (out / "planner.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (out / "planner.md").write_text(markdown(res))
+        print("\n".join(cost_markdown(res["cost"])))
+        return 0
     host_cal = calibrate(ref)
     profiles = list_profiles()
     rows = rows_prior([llama_1b(), model_shape(ref)], profiles)
+    cost = None
     if importlib.util.find_spec("llama_cpp") is not None:
-        demo = load_profile("demo-tiny-budget")   # speed budgets relaxed: the shared machine is loaded, memory binds
-        demo = replace(demo, name="demo-tiny-budget (speed budgets relaxed)",
-                       budgets=replace(demo.budgets, max_decode_ms_per_token=100.0, min_prefill_tps=10.0))
+        demo = _relaxed_demo()
         rows += rows_measured(ref, [demo, replace(demo, name="demo-tiny-budget + q8_0/q4_k_m (speed relaxed)",
                                                   allowed_quants=("f16", "q8_0", "q4_k_m"))])
+        cost = rows_cost(ref, demo)
     res = {"command": "python scripts/bench_planner.py", "machine": f"{platform.machine()}, {platform.processor() or ''} "
            f"{__import__('os').cpu_count()} cores, {platform.system()}", "host_calibration": host_cal, "rows": rows,
-           "wall_s": round(time.time() - t0, 1)}
-    out = ROOT / "benchmarks"
+           "wall_s": round(time.time() - t0, 1), "cost": cost}
     (out / "planner.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     (out / "planner.md").write_text(markdown(res))
     print(markdown(res))

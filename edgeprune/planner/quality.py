@@ -71,8 +71,9 @@ class MeasuredQuality:
     basis = "measured"
 
     def __init__(self, scored, model_dir, tokenizer, runtime: str, quants, *, source: str = "gutenberg",
-                 n: int = 32, seq_len: int = 128, seed: int = 0, threads: int = 1):
+                 n: int = 32, seq_len: int = 128, seed: int = 0, threads: int = 1, repair: str | None = None):
         self.scored, self.model_dir, self.threads, self.runtime = scored, Path(model_dir), threads, runtime
+        self.repair = repair      # the repair the shipped model gets (e.g. 'lsq'), which P(r) leaves out
         self.model = scored.ctx.model
         self.ids = heldout_ids(tokenizer, source, n, seq_len, seed)
         self.slice = f"{source}: {n} x {seq_len} tokens, seed {seed + HELDOUT_SEED_OFFSET} (held out from calibration)"
@@ -152,8 +153,17 @@ class MeasuredQuality:
             quantize(f16, art, c.quant, threads=self.threads)
         return runtime_nll(art, self.ids, self.threads) - self._dense_f16()[1]
 
+    def repair_note(self) -> str | None:
+        """One sentence when the shipped model gets a repair that the pruning loss leaves out (module doc)."""
+        if self.repair in (None, "none"):
+            return None
+        return (f"the predicted quality loss is measured without the method's default '{self.repair}' repair that "
+                "the shipped model gets (one refit per candidate ratio would multiply the plan's cost), so it "
+                "over-states the shipped model's loss; the shipped model's quality is measured by the verify stage")
+
     def describe(self) -> dict:
         return {"slice": self.slice, "dense_ppl_torch": round(math.exp(self.dense_nll), 4),
+                "repair_included": self.repair in (None, "none"), "repair_note": self.repair_note(),
                 "quant_basis": "prior (no runtime quantizer for this runtime)" if self.runtime != "llama.cpp" else
                 "measured on llama.cpp",
                 "quant_loss": {q: round(v, 6) for q, v in (self._quant or {}).items()},

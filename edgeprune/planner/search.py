@@ -281,8 +281,10 @@ def _why(res: PlanResult) -> str:
 
 def explain(res: PlanResult, profile, c: Candidate) -> str:
     p = c.prediction
+    of = "" if c.ratio_of == "params" else f" of the layers' {c.ratio_of} (weights + KV cache, cost-aware)" \
+        if c.ratio_of == "bytes" else f" of the layers' predicted decode {c.ratio_of} (cost-aware)"
     why_r = "no pruning needed" if c.ratio == 0 else (
-        f"{c.ratio:.1%} is the least pruning (0.5% steps) whose shapes fit "
+        f"{c.ratio:.1%}{of} is the least pruning (0.5% steps) whose shapes fit "
         f"(achieved {c.achieved_ratio:.1%} of non-embedding params)")
     parts = [f"memory {p.peak_rss_mb:.1f} MB <= {profile.budgets.max_memory_mb:g} MB",
              f"decode {p.decode_ms:.2f} ms/token <= {profile.budgets.max_decode_ms_per_token:g}"]
