@@ -125,13 +125,16 @@ def rows_measured(ref: Path, profiles: list) -> list[dict]:
     return rows
 
 
-def _pruned_dir(ref: Path, d: Path, ratio: float, cost, reconstruct: str | None) -> Path:
-    """``edgeprune run``'s prune stage at ``ratio`` (of ``cost``'s pool, or of the parameters): OBS, 64 calibration
-    samples, seed 0, MLP widths in multiples of 32, the method's default repair unless ``reconstruct``."""
+def _pruned_dir(ref: Path, d: Path, ratio: float, cost, reconstruct: str | None, scored) -> Path:
+    """``edgeprune run``'s prune stage at ``ratio`` (of ``cost``'s pool, or of the parameters) on a copy of the
+    plan's scoring (OBS, 64 calibration samples, seed 0, MLP widths in multiples of 32), with the method's
+    default repair unless ``reconstruct``."""
+    import copy
+
     from edgeprune.prune import PruneConfig, run_prune
 
     cfg = PruneConfig("obs", ratio, calib_samples=64, multiple=32, cost=cost, reconstruct=reconstruct)
-    run_prune(ref, d, cfg, overwrite=True, progress=False)
+    run_prune(ref, d, cfg, overwrite=True, progress=False, scored=copy.deepcopy(scored))
     return d
 
 
@@ -145,7 +148,7 @@ def _heldout_nll(model_dir: Path, chunks):
         return torch_nll(load(model_dir), chunks)
 
 
-def _cost_row(ref: Path, prof, d: Path, mode: str, res, chunks, sample_idx) -> dict:
+def _cost_row(ref: Path, prof, d: Path, mode: str, res, chunks, sample_idx, scored) -> dict:
     """One allocation mode at its least fitting ratio: predicted and measured peak memory (f16 GGUF on llama.cpp),
     held-back perplexity without repair and with the default repair (whole text, and a 64-chunk sample)."""
     import exporters
@@ -159,7 +162,7 @@ def _cost_row(ref: Path, prof, d: Path, mode: str, res, chunks, sample_idx) -> d
            "predicted_mb": round(c.prediction.peak_rss_mb, 2), "nll": {}}
     for rec in ("none", None):
         name = "no repair" if rec == "none" else "default repair (lsq)"
-        md = _pruned_dir(ref, d / f"{mode}-{rec or 'default'}", c.ratio, c.cost, rec)
+        md = _pruned_dir(ref, d / f"{mode}-{rec or 'default'}", c.ratio, c.cost, rec, scored)
         nll = _heldout_nll(md, chunks)
         row["nll"][name] = nll
         whole, smp = estimate(nll, len(nll), 128), estimate(nll[sample_idx], len(nll), 128, 0)
@@ -170,6 +173,15 @@ def _cost_row(ref: Path, prof, d: Path, mode: str, res, chunks, sample_idx) -> d
             exporters.export(str(md), "gguf", str(art), quant="f16")
             row["measured_mb"] = round(measure_subprocess(art, threads=1, n_ctx=prof.context_length)["peak_rss_mb"], 2)
     return row
+
+
+def _dense_peak(ref: Path, d: Path, n_ctx: int) -> float:
+    import exporters
+    from exporters.speed import measure_subprocess
+
+    art = d / "dense-f16.gguf"
+    exporters.export(str(ref), "gguf", str(art), quant="f16")
+    return round(measure_subprocess(art, threads=1, n_ctx=n_ctx)["peak_rss_mb"], 2)
 
 
 def rows_cost(ref: Path, prof) -> dict:
@@ -197,7 +209,8 @@ def rows_cost(ref: Path, prof) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for mode, aware in (("parameter ratio", False), ("cost-aware (bytes)", True)):
             res = P.plan(dense, prof, margin_pct=2.0, shape_at=shape_at(sc, dense), cost_aware=aware)
-            rows.append(_cost_row(ref, prof, Path(d), mode, res, chunks, idx))
+            rows.append(_cost_row(ref, prof, Path(d), mode, res, chunks, idx, sc))
+        dense_mb = _dense_peak(ref, Path(d), prof.context_length)
     paired = {}
     for name in rows[0]["nll"]:
         a, b = rows[1]["nll"][name], rows[0]["nll"][name]
@@ -206,6 +219,7 @@ def rows_cost(ref: Path, prof) -> dict:
     for r in rows:
         r.pop("nll")
     return {"profile": prof.name, "context": prof.context_length, "budget_mb": prof.budgets.max_memory_mb,
+            "dense_measured_mb": dense_mb, "dense_predicted_mb": round(P.predict(dense, "f16", prof).peak_rss_mb, 2),
             "chunks": int(len(chunks)), "rows": rows, "cost_vs_param": paired}
 
 
@@ -219,7 +233,9 @@ def cost_markdown(c: dict) -> list[str]:
          f"reference model's held-back text in PyTorch, whole text ({c['chunks']} chunks of 128 tokens), and a "
          "seeded 64-chunk sample with its 95% interval (the dev-loop figure); pruned with no repair (what the "
          "planner's quality estimate measures) and with OBS's default sequential lsq repair (what `run` ships). "
-         "Measured MB: the repaired model's f16 GGUF on llama.cpp (exporters.speed, n_ctx = the context).", "",
+         "Measured MB: the repaired model's f16 GGUF on llama.cpp (exporters.speed, n_ctx = the context); the "
+         f"dense f16 GGUF measures {c.get('dense_measured_mb')} MB there (predicted {c.get('dense_predicted_mb')}).",
+         "",
          "| mode | ratio | params removed | KV groups | MLP channels | predicted MB | measured MB | ppl no repair "
          "(whole; sample [95% CI]) | ppl with repair (whole; sample [95% CI]) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in c["rows"]:
@@ -297,9 +313,9 @@ def main() -> int:
     out = ROOT / "benchmarks"
     if "--part" in sys.argv and sys.argv[sys.argv.index("--part") + 1] == "cost":   # only the cost section
         res = json.loads((out / "planner.json").read_text())
+        cal = calibrate(ref) if "--calibrate" in sys.argv else "saved host calibration"   # before the profile loads
         res["cost"] = {**rows_cost(ref, _relaxed_demo()), "command": "python scripts/bench_planner.py --part cost",
-                       "host_calibration": calibrate(ref) if "--calibrate" in sys.argv else "saved host calibration",
-                       "wall_s": round(time.time() - t0, 1)}
+                       "host_calibration": cal, "wall_s": round(time.time() - t0, 1)}
         (out / "planner.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
         (out / "planner.md").write_text(markdown(res))
         print("\n".join(cost_markdown(res["cost"])))

@@ -96,3 +96,25 @@ def test_batched_runtime_nll_equals_one_by_one(pruned, tmp_path):
     assert est.ppl == pytest.approx(np.exp(batched.mean()), rel=1e-5)
     sub = estimate(nll[:3], 6, 32)
     assert sub.lo < sub.ppl < sub.hi
+
+
+@pytest.mark.heavy
+def test_ppl_chunks_all_is_the_whole_text_figure(ref_model_dir, tmp_path):
+    """``verify --ppl-chunks all`` on the reference model's f16 GGUF scores every WikiText-2 chunk (batched on
+    llama.cpp) and gives the whole-text figure: its PyTorch side equals ``edgeprune eval``'s whole-text perplexity
+    exactly (same chunks), and the runtime's equals it to 4 significant digits (f16 weights, F16 KV cache), with a
+    zero-width interval. Heavy: the whole text is 3,683 chunks on each side."""
+    pytest.importorskip("llama_cpp")
+    import exporters
+    from edgeprune.evaluate import perplexity
+    from edgeprune.models import load, load_tokenizer
+    from exporters.verify import verify
+
+    art = tmp_path / "ref-f16.gguf"
+    exporters.export(str(ref_model_dir), "gguf", str(art), quant="f16")
+    r = verify(art, ref_model_dir, threads=2, ppl_chunks=None, speed=False, stock=False)["ppl"]
+    whole = perplexity(load(ref_model_dir), load_tokenizer(ref_model_dir), "wikitext2", 128)
+    assert r["sample"] == "all" and r["chunks"] == r["total_chunks"]
+    assert r["reference"] == pytest.approx(whole, rel=1e-6), (r["reference"], whole)
+    assert f"{r['runtime']:.4g}" == f"{whole:.4g}", (r["runtime"], whole)
+    assert r["runtime_ci95"][0] == r["runtime_ci95"][1] == pytest.approx(r["runtime"])

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Protocol
 
-from ..errors import BudgetError, EdgepruneError
 from ..allocation.base import UnitCost
+from ..errors import BudgetError, EdgepruneError
 from .costs import costs_for
 from .judge import UNITS as _UNITS
 from .judge import judge
