@@ -40,6 +40,7 @@ class RunConfig:
     calibrate_host: bool = True
     overwrite: bool = False           # allow a non-empty folder edgeprune did not make as --out
     max_context: int | None = None    # accepts a format that is exact only up to this context (exporters.features)
+    cost_aware: bool = False          # plan on the cost-aware allocation (planner.search: off by default, measured)
     extra: dict = field(default_factory=dict)
 
 
@@ -249,7 +250,7 @@ def _stage_plan(cfg: RunConfig, src: Path, out: Path, profile) -> tuple[dict, ob
     try:
         try:
             res = planner.plan(dense, profile, mlp_multiple=cfg.mlp_multiple, margin_pct=cfg.margin_pct,
-                               shape_at=shape_at(sc, dense), quality=q)
+                               shape_at=shape_at(sc, dense), quality=q, cost_aware=cfg.cost_aware)
             if q.repair_note():
                 res.notes.append(q.repair_note())
         except BudgetError as e:
@@ -401,6 +402,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--max-context", type=int, default=None,
                    help="the longest context you will run; accepts a format exact only up to it (see export)")
     s.add_argument("--no-host-calibration", action="store_true")
+    s.add_argument("--cost-aware", action="store_true",
+                   help="allocate by quality lost per byte of the binding budget (weights + KV cache at the profile's "
+                        "context) instead of per parameter; off by default (benchmarks/planner.md)")
     s.add_argument("--overwrite", action="store_true",
                    help="allow --out to be a non-empty folder edgeprune did not create (its files are kept)")
     s.set_defaults(fn=_cmd_run)
@@ -445,6 +449,7 @@ def _cmd_run(a) -> int:
                     finetune=a.finetune, finetune_minutes=a.finetune_minutes, format=a.format,
                     calib_samples=a.calib_samples, seed=a.seed, mlp_multiple=a.mlp_multiple,
                     ppl_chunks=a.ppl_chunks or None, threads=a.threads, calibrate_host=not a.no_host_calibration,
+                    cost_aware=a.cost_aware,
                     overwrite=a.overwrite, max_context=a.max_context)
     rep = run(cfg)
     print(f"report: {Path(a.out) / 'report.md'}")

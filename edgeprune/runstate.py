@@ -28,7 +28,7 @@ STAGES = ("calibrate", "plan", "prune", "finetune", "export", "verify", "report"
 STAGE_OPTIONS = {
     "calibrate": ("format", "threads", "calibrate_host", "max_context"),
     # the plan scores the model with the method (candidates from its real allocation), so it depends on all of these
-    "plan": ("mlp_multiple", "margin_pct", "method", "allocation", "calib_samples", "seed"),
+    "plan": ("mlp_multiple", "margin_pct", "method", "allocation", "calib_samples", "seed", "cost_aware"),
     "prune": (),
     "finetune": ("finetune", "finetune_minutes", "seed"),
     "export": (),

@@ -167,3 +167,25 @@ def test_cost_aware_planned_bytes_are_the_real_gguf_bytes(ref_scored, tmp_path, 
         quantize(f16, art, quant)
     assert P.predict(planned, quant, prof).weight_bytes == _tensor_bytes(art)
     assert P.predict(planned, quant, prof).weight_bytes == P.weight_bytes(P.model_shape(tmp_path / "m"), quant)
+
+
+def test_plan_is_cost_aware_only_when_asked(ref_scored):
+    """``plan(cost_aware=True)`` bisects each quant's byte pool (memory binds on demo-tiny-budget) and prices the
+    real shapes; the default stays the parameter ratio (off by default: benchmarks/planner.md)."""
+    from edgeprune.planner.fit import shape_at
+
+    sc, dense = ref_scored
+    prof = load_profile("demo-tiny-budget")
+    prof = replace(prof, budgets=replace(prof.budgets, max_memory_mb=P.predict(dense, "f16", prof).peak_rss_mb - 5,
+                                         max_decode_ms_per_token=1e3, min_prefill_tps=1.0))
+    at = shape_at(sc, dense)
+    aware = P.plan(dense, prof, shape_at=at, cost_aware=True)
+    plain = P.plan(dense, prof, shape_at=at)
+    assert aware.chosen.ratio_of == "bytes" and plain.chosen.ratio_of == "params"
+    assert aware.chosen.cost == memory_cost(dense, "f16", prof)
+    for r in (aware, plain):
+        assert r.chosen.feasible and r.chosen.ratio > 0
+        assert r.chosen_shapes == at(r.chosen.ratio, r.chosen.cost)
+        below = next(c for c in r.candidates if c.role == "below")
+        assert not below.fits["max_memory_mb"]
+    assert "of the layers' bytes" in aware.explanation and "cost-aware" in P.format_table(aware)

@@ -29,6 +29,7 @@ class FitTarget:
     margin_pct: float = 0.0
     resolution: float = RESOLUTION
     max_ratio: float = 0.9
+    cost_aware: bool = False     # bisect the binding budget's pool (bytes with the KV cache) instead of parameters
 
     def validate(self) -> None:
         from device_profiles import QUANTS
@@ -76,14 +77,15 @@ def shape_at(scored, dense: ModelShape) -> Callable[..., ModelShape]:
 
 
 def choose_ratio(target: FitTarget, scored, dense: ModelShape):
-    """(ratio, cost): the least ratio (bisection at ``target.resolution``) of the cost-aware pool of the binding
-    budget (:func:`.costs.unit_cost`: bytes with the KV cache for a memory target) whose real shapes fit every
-    predicted budget; raises :class:`BudgetError` naming the shortfall when even ``max_ratio`` does not fit."""
+    """(ratio, cost): the least ratio (bisection at ``target.resolution``) of the non-embedding parameters, or with
+    ``target.cost_aware`` of the binding budget's pool (:func:`.costs.unit_cost`: bytes with the KV cache for a
+    memory target; ``cost`` None otherwise), whose real shapes fit every predicted budget; raises
+    :class:`BudgetError` naming the shortfall when even ``max_ratio`` does not fit."""
     from .costs import unit_cost
 
     at = shape_at(scored, dense)
     margin = target.margin_pct / 100
-    cost = unit_cost(dense, target.quant, target.profile)
+    cost = unit_cost(dense, target.quant, target.profile) if target.cost_aware else None
 
     def fits(r: float) -> bool:
         return all(check(predict(at(r, cost), target.quant, target.profile), target.profile, margin)[0].values())

@@ -3,11 +3,15 @@
 **Candidates.** For every allowed quant, the least ratio whose shapes fit every predicted budget (memory with the
 KV cache at the profile's context, decode latency, prefill) is found by bisection at ``resolution`` (0.5% of the
 pool) on ``shape_at(ratio, cost)``: the method's real allocation when the model's weights were scored
-(:mod:`edgeprune.planner.fit`), else the uniform config-only prediction (:func:`~.shapes.pruned_shape`). With the
-real allocation the planner is **cost-aware** (:mod:`.costs`): each quant's allocation removes what costs least
-quality per byte (memory binds: weights + KV cache at the profile's context) or per predicted ms (decode latency
-binds), and its ratio is the fraction of that pool (bytes / ms of the layers) removed; ``achieved_ratio`` is
-always the fraction of non-embedding parameters. The config-only prediction stays in parameters.
+(:mod:`edgeprune.planner.fit`), else the uniform config-only prediction (:func:`~.shapes.pruned_shape`).
+**Cost-aware** planning (``cost_aware=True``, ``run --cost-aware``; :mod:`.costs`): each quant's allocation removes
+what costs least quality per byte (memory binds: weights + KV cache at the profile's context) or per predicted ms
+(decode latency binds), and its ratio is the fraction of that pool (bytes / ms of the layers) removed;
+``achieved_ratio`` is always the fraction of non-embedding parameters. It is **off by default**: measured on the
+reference model at demo-tiny-budget (benchmarks/planner.md, "Cost-aware vs parameter-ratio allocation") it shipped
+a worse model at equal predicted memory (held-back ppl +3.5% with the default repair, +21% without) and its extra
+KV-group removals did not lower the measured peak RSS as much as the allocated KV cache predicts (it missed the
+budget measured), so the parameter-ratio allocation stays the default until that changes.
 A grid of ratios (every 5%) is predicted too, for the table and the frontier; the step below each least ratio
 is kept as evidence that less pruning does not fit.
 
@@ -189,14 +193,14 @@ class _Evaluator:
 def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_multiple: int = 32,
          strict: bool = True, margin_pct: float = 0.0, shape_at: Callable[..., ModelShape] | None = None,
          quality: QualityModel | None = None, resolution: float = RESOLUTION,
-         cost_aware: bool | None = None) -> PlanResult:
+         cost_aware: bool = False) -> PlanResult:
     """Candidates and the choice by the policy in the module doc.
 
     ``model``: a model directory, config dict, HF model or :class:`ModelShape` (dense shapes; if already pruned,
     ratios are relative to it). ``shape_at(ratio, cost)``: the shapes the method's allocation gives at ``ratio``
     of the pool ``cost`` (None: parameters; default: the uniform config-only prediction, always in parameters).
-    ``cost_aware`` (default: when ``shape_at`` is given) prices each quant's allocation by its binding budget
-    (:func:`.costs.costs_for`). ``quality``: measured losses (default: the prior). ``margin_pct`` demands
+    ``cost_aware`` (needs ``shape_at``; off by default, see the module doc) prices each quant's allocation by its
+    binding budget (:func:`.costs.costs_for`). ``quality``: measured losses (default: the prior). ``margin_pct`` demands
     that predictions beat each budget by that many percent. Raises :class:`BudgetError` (exit 3) with a
     one-line reason when nothing fits and ``strict``; the full :class:`PlanResult` is attached as ``err.result``.
     """
@@ -209,7 +213,7 @@ def plan(model: Any, profile, ratios: Iterable[float] | None = None, *, mlp_mult
     if any(not 0 <= r < 1 for r in grid):
         raise EdgepruneError(f"ratios {grid} out of range; ratios must lie in [0, 1)")
     quants = profile.quants_best_first()
-    costs = costs_for(ms, profile, quants) if (shape_at is not None if cost_aware is None else cost_aware) else {}
+    costs = costs_for(ms, profile, quants) if cost_aware and shape_at is not None else {}
     ev = _Evaluator(ms, profile, shape_at or (lambda r, cost=None: pruned_shape(ms, r, mlp_multiple)),
                     quality or PriorQuality(), margin_pct / 100, costs)
     cands = _candidates(ev, quants, grid, resolution)
