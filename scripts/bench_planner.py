@@ -248,6 +248,15 @@ def cost_markdown(c: dict) -> list[str]:
         f"{k}: whole text {v['whole_pct']:+.2f}%, 64-chunk sample {v['sample_pct_ci95'][0]:+.2f}% "
         f"[{v['sample_pct_ci95'][1]:+.2f}, {v['sample_pct_ci95'][2]:+.2f}]" for k, v in c["cost_vs_param"].items())
         + "."]
+    a, b = c["rows"][1], c["rows"][0]
+    verdict = "better" if c["cost_vs_param"]["default repair (lsq)"]["whole_pct"] < 0 else "worse"
+    L += ["", f"Reading: at equal predicted memory the cost-aware allocation keeps {a['kv_groups']} KV groups and "
+          f"{a['mlp_channels']} MLP channels against {b['kv_groups']} and {b['mlp_channels']}, and ships a {verdict} "
+          f"model on the held-back text; measured it peaks at {a['measured_mb']:.2f} MB against {b['measured_mb']:.2f}"
+          f" MB (predicted {a['predicted_mb']:.2f} and {b['predicted_mb']:.2f}): the KV cache llama.cpp allocates "
+          "shrinks with the removed groups exactly as predicted (its log), but the measured peak RSS falls by less, "
+          "so the extra KV groups it removes buy less memory than priced. Hence `run` and `prune --target-mb` keep the parameter-ratio "
+          "allocation by default; the cost-aware one is `run --cost-aware` / `plan(cost_aware=True)`."]
     return L
 
 
