@@ -78,7 +78,7 @@ def render(d: dict) -> str:
         cell = lambda t: f"{r['ppl'][t]:.2f}" if r["ppl"].get(t) is not None else "not reached"
         wall = f"{r['prune_wall_s']:.0f} s" if r.get("prune_wall_s") else "–"
         lines.append(f"| {r['ratio']:.0%} | {r['scores']} | {cell('heldout')} | {cell('ptb')} | {wall} |")
-    return "\n".join(lines + [""])
+    return "\n".join(lines + [""] + d.get("analysis_md", []))
 
 
 def dense_ppl(ref: Path, td: str) -> dict:
