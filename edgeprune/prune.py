@@ -189,6 +189,14 @@ class Scored:
     opts: AllocOptions
     ctx: Context
     timings: dict
+    repair_bias: bool | None = None      # None: no repair stage (the method's surgery); else: it adds o/down biases
+
+    def bias_means(self, n_layers: int) -> list | None:
+        """Per layer, which pruned projections gain a bias: the method's compensation (FLAP), or, when the repair
+        stage replaces the method's surgery, the refit's intercept on every pruned ``o_proj`` / ``down_proj``."""
+        if self.repair_bias is None:
+            return self.scores.bias_means
+        return [{"o": True, "down": True}] * n_layers if self.repair_bias else None
 
     def plan_at(self, ratio: float, cost=None):
         """The method's own allocation at ``ratio`` (no re-scoring); ``cost``: a cost-aware pool
@@ -213,8 +221,10 @@ def score(model, tokenizer, cfg: PruneConfig, progress: bool = True) -> Scored:
     to_cpu_scores(scores)
     source.prepare_surgery()
     ctx.calib_ids = ctx.calib_ids.cpu()
+    ro = cfg.repair_options()
     return Scored(scores, source.groups(), ecfg.allocation, ecfg.alloc, ctx,
-                  {"calib_s": round(t1 - t0, 2), "score_s": round(time.time() - t1, 2)})
+                  {"calib_s": round(t1 - t0, 2), "score_s": round(time.time() - t1, 2)},
+                  None if ro is None else (ro.mode != "none" and (ro.intercept or ro.mode == "bias")))
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ def test_cost_mode_hits_the_cost_target(name):
 
 @pytest.fixture(scope="module")
 def ref_scored(ref_model_dir):
-    """One OBS scoring of the reference model (run's default method and allocation: global)."""
+    """One OBS scoring of the reference model (run's default method and allocation: global), without the repair
+    stage, so that plain surgery (no refit intercepts) gives the shapes the planner prices."""
     from edgeprune.models import load, load_tokenizer
     from edgeprune.prune import PruneConfig, score
 
@@ -99,7 +100,7 @@ def ref_scored(ref_model_dir):
     torch.set_num_threads(1)
     try:
         model = load(ref_model_dir)
-        sc = score(model, load_tokenizer(ref_model_dir), PruneConfig("obs", 0.5, calib_samples=16, multiple=32),
+        sc = score(model, load_tokenizer(ref_model_dir), PruneConfig("obs", 0.5, calib_samples=16, multiple=32, reconstruct="none"),
                    progress=False)
     finally:
         torch.set_num_threads(n)

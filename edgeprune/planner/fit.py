@@ -71,7 +71,7 @@ def shape_at(scored, dense: ModelShape) -> Callable[..., ModelShape]:
     def at(r: float, cost=None) -> ModelShape:
         if (r, cost) not in memo:
             memo[(r, cost)] = dense if r == 0 else shape_from_plan(dense, scored.plan_at(r, cost),
-                                                                   scored.scores.bias_means)
+                                                                   scored.bias_means(len(dense.layers)))
         return memo[(r, cost)]
     return at
 
@@ -108,9 +108,14 @@ def verify_context() -> int:
     return d["prompt"].default + d["gen"].default + 8
 
 
+TARGET_MB_MARGIN_PCT = 1.0   # --target-mb: headroom for run-to-run noise in the measured peak RSS
+
+
 def memory_target(target_mb: float, quant: str = "f16", ctx: int | None = None, profile=None) -> FitTarget:
     """A :class:`FitTarget` for ``prune --target-mb``: this host's (calibrated) llama.cpp figures, a memory budget
-    of ``target_mb`` MiB at context ``ctx`` (default: the context ``verify`` measures at), no speed budget."""
+    of ``target_mb`` MiB at context ``ctx`` (default: the context ``verify`` measures at), no speed budget. The
+    prediction must fit with a 1% margin: llama.cpp's measured peak RSS varies by a few tenths of a MB from run to
+    run (seen: 65.0 MB against a prediction fitted to 64.9), and the promise is "within N"."""
     from device_profiles import Budgets, load_profile
 
     if not target_mb > 0:
@@ -120,7 +125,7 @@ def memory_target(target_mb: float, quant: str = "f16", ctx: int | None = None, 
     prof = profile or load_profile("host")
     prof = replace(prof, name=f"target-{target_mb:g}MB", context_length=ctx or verify_context(),
                    budgets=Budgets(max_memory_mb=float(target_mb), max_decode_ms_per_token=1e9))
-    t = FitTarget(prof, quant)
+    t = FitTarget(prof, quant, margin_pct=TARGET_MB_MARGIN_PCT)
     t.validate()
     return t
 

@@ -213,4 +213,4 @@ def quality_shape(quality: MeasuredQuality, r: float, cost=None):
 
     dense = model_shape(quality.model)
     return dense if r == 0 else shape_from_plan(dense, quality.scored.plan_at(r, cost),
-                                                quality.scored.scores.bias_means)
+                                                quality.scored.bias_means(len(dense.layers)))
