@@ -390,7 +390,11 @@ def _start(source, sink, method: Method, ctx: Context, cfg: EngineConfig, scorer
     ids_needed = scorer.needs_inputs or extra
     w.keep_stats = scorer.deferred or (not one_pass and cfg.repair is not None)
     if ids_needed:
-        w.hs, w.kwargs = source.inputs(ctx.calib_ids, ctx.batch_size)
+        w.hs, w.kwargs = source.inputs(ctx.calib_ids, ctx.batch_size)   # frees a streamed source's embeddings
+    else:
+        source.drop_embeddings()
+    if sink is not None:
+        sink.begin()
     return w, ids_needed, one_pass, forward2
 
 
