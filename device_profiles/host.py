@@ -192,3 +192,36 @@ def apply_saved_calibration(profile):
     if not figs:
         return profile
     return replace(profile.with_figures(**figs), calibrated=True)
+
+
+# ------------------------------------------------------------------------------------------------ memory record
+def _overhead_file() -> Path | None:
+    c = cache_dir()
+    return None if c is None else c / "host_memory_overhead.json"
+
+
+def recorded_overhead(runtime: str) -> float | None:
+    """The runtime memory overhead (MB) this machine last recorded for ``runtime``, or None."""
+    f = _overhead_file()
+    if f is None or not f.is_file():
+        return None
+    try:
+        v = json.loads(f.read_text()).get(_key(), {}).get(runtime)
+        return None if v is None else float(v)
+    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def record_overhead(runtime: str, mb: float) -> None:
+    """Record ``mb`` as this machine's runtime memory overhead for ``runtime`` (atomic replace)."""
+    f = _overhead_file()
+    if f is None:
+        return
+    try:
+        d = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        d = {}
+    d.setdefault(_key(), {})[runtime] = round(float(mb), 3)
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, f)

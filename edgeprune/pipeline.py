@@ -352,7 +352,7 @@ def _stage_calibrate(src: Path, out: Path, profile, fmt: str, cfg: RunConfig) ->
             measured.append({"model": name, "quant": q, **m})
             runs.append(planner.HostRun(str(d), q, m["decode_tps"], m["peak_rss_mb"], m["file_mb"], m["prefill_tps"],
                                         profile.context_length, m.get("kv_tokens"), m.get("prompt")))
-        cal = planner.calibrate_host(runs, profile)
+        cal = planner.settle_overhead(planner.calibrate_host(runs, profile), runs[0].peak_rss_mb)
         for f in tmp.glob("*.gguf"):
             f.unlink()  # keep the measurements, not the artifacts
         shutil.rmtree(tmp / "half")

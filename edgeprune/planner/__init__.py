@@ -12,7 +12,8 @@ One module per concern:
 
 Nothing here loads weights or runs a model.
 """
-from .host_fit import HostCalibration, HostRun, apply_calibration, calibrate_host, host_run_from_verify
+from .host_fit import (HostCalibration, HostRun, apply_calibration, calibrate_host, host_run_from_verify,
+                       memory_noise_mb, settle_overhead)
 from .judge import Verdict, budgets_of, judge
 from .prediction import MIB, Prediction, compare, predict
 from .search import DEFAULT_RATIOS, Candidate, PlanResult, PriorQuality, check, format_table, least_ratio, plan
@@ -20,7 +21,8 @@ from .shapes import ModelShape, model_shape, pruned_shape, shape_from_config
 from .tensor_bytes import (ZERO_FFN_PAD, TensorSpec, group_bytes, kv_alloc_tokens, kv_bytes, kv_cache_bytes,
                            kv_elem_bytes, llama_cpp_tensors, matmul_params, onnx_tensors, tensors, weight_bytes)
 
-__all__ = ["HostCalibration", "HostRun", "apply_calibration", "calibrate_host", "host_run_from_verify", "Verdict",
+__all__ = ["HostCalibration", "HostRun", "apply_calibration", "calibrate_host", "host_run_from_verify",
+           "memory_noise_mb", "settle_overhead", "Verdict",
            "budgets_of", "judge", "MIB", "Prediction", "compare", "predict", "DEFAULT_RATIOS", "Candidate",
            "PlanResult", "PriorQuality", "check", "format_table", "least_ratio", "plan", "ModelShape", "model_shape", "pruned_shape",
            "shape_from_config", "ZERO_FFN_PAD", "TensorSpec", "group_bytes", "kv_alloc_tokens", "kv_bytes", "kv_cache_bytes",

@@ -124,6 +124,34 @@ def calibrate_host(runs: HostRun | Sequence[HostRun], profile="host", *, save: b
     return cal
 
 
+MEMORY_NOISE_MB = 0.5      # floor of the peak-RSS measurement's run-to-run noise
+MEMORY_NOISE_PCT = 1.0     # ... or this share of the measured peak, whichever is larger
+
+
+def memory_noise_mb(peak_rss_mb: float) -> float:
+    """The run-to-run noise of a measured peak RSS: ``max(0.5 MB, 1% of the peak)`` (llama.cpp's peak of the same
+    GGUF varied by 0.1-0.3 MB between identical runs here, 63.4 vs 63.5 MB in CI; the heap layout moves it)."""
+    return max(MEMORY_NOISE_MB, MEMORY_NOISE_PCT / 100 * peak_rss_mb)
+
+
+def settle_overhead(cal: HostCalibration, peak_rss_mb: float) -> HostCalibration:
+    """Hysteresis on the fitted memory overhead across runs on this machine: a new overhead within
+    :func:`memory_noise_mb` of the one this machine recorded last keeps the recorded value (and says so in the
+    notes), so a plan changes only when memory moved by more than the measurement's noise; otherwise the new value
+    is recorded. The settled value is off by at most the noise, which ``run``'s 2% planning margin covers. Speed
+    figures are not settled here: each measurement is already the best of its repeats."""
+    from device_profiles.host import record_overhead, recorded_overhead
+
+    old = recorded_overhead(cal.runtime)
+    new = cal.runtime_overhead_mb
+    if old is not None and abs(new - old) <= memory_noise_mb(peak_rss_mb):
+        note = (f"memory overhead measured {new:.2f} MB, within the measurement's noise "
+                f"(±{memory_noise_mb(peak_rss_mb):.2f} MB) of the {old:.2f} MB this machine recorded: kept {old:.2f}")
+        return replace(cal, runtime_overhead_mb=old, notes=[*cal.notes, note])
+    record_overhead(cal.runtime, new)
+    return cal
+
+
 def _predicted_rows(runs, profile) -> list[tuple[HostRun, Any, Any]]:
     """(run, shapes, prediction with zero overheads and factor 1) for each measured run."""
     runs = [runs] if isinstance(runs, HostRun) else list(runs)
