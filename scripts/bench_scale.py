@@ -48,6 +48,10 @@ METHOD_OPTS = {
 }
 EVAL_CHUNKS, EVAL_LEN = 2, 128
 RECON_STEP = "prune wanda-sp --stream --reconstruct lsq"
+# The recon step calibrates as a default ``edgeprune prune`` does (128 x 128 = 16,384 tokens): a least-squares
+# refit needs at least as many tokens as kept inputs (down_proj keeps 8,807 of 11,008 at 20 %); on fewer it is
+# skipped as rank-deficient and falls back to bias compensation (8 x 64 = 512 tokens measured no solve at all).
+RECON_CALIB = {"calib_samples": 128, "calib_len": 128}
 
 
 # ------------------------------------------------------------------------------------------------ child jobs
@@ -110,11 +114,17 @@ def job_create(spec: dict) -> dict:
 def job_prune(spec: dict) -> dict:
     from edgeprune.prune import PruneConfig, run_prune
 
-    cfg = PruneConfig(spec["method"], spec["ratio"], calib=CALIB["calib"], calib_samples=CALIB["calib_samples"],
-                      calib_len=CALIB["calib_len"], seed=CALIB["seed"], options=dict(spec["options"]),
+    c = {**CALIB, **spec.get("calib", {})}
+    cfg = PruneConfig(spec["method"], spec["ratio"], calib=c["calib"], calib_samples=c["calib_samples"],
+                      calib_len=c["calib_len"], seed=c["seed"], options=dict(spec["options"]),
                       stream=spec["stream"], reconstruct=spec.get("reconstruct"))
     r = run_prune(spec["model"], spec["out"], cfg, overwrite=True, progress=False)
-    return {"achieved_ratio": r.achieved_ratio, "timings": r.timings, "bytes": dir_bytes(Path(spec["out"]))}
+    res = {"achieved_ratio": r.achieved_ratio, "timings": r.timings, "bytes": dir_bytes(Path(spec["out"]))}
+    rec = json.loads((Path(spec["out"]) / "config.json").read_text())["pruning"].get("reconstruction")
+    if rec:   # which fit each projection got: lsq solved, or the fallback
+        modes = [m for layer in rec["layers"] for m in layer["modes"].values()]
+        res["repair_modes"] = {m: modes.count(m) for m in sorted(set(modes))}
+    return res
 
 
 def _eval_ids(model_dir):
@@ -146,8 +156,8 @@ def job_fwd(spec: dict) -> dict:
     from edgeprune.models import load_tokenizer
     from edgeprune.stream import streamed_perplexity
 
-    ids = calibration_ids(load_tokenizer(spec["model"]), CALIB["calib"], CALIB["calib_samples"], CALIB["calib_len"],
-                          CALIB["seed"])
+    c = {**CALIB, **spec.get("calib", {})}
+    ids = calibration_ids(load_tokenizer(spec["model"]), c["calib"], c["calib_samples"], c["calib_len"], c["seed"])
     return {"ppl_calib": streamed_perplexity(spec["model"], ids, batch_size=8)}
 
 
@@ -286,6 +296,8 @@ def _part_table(d: dict, part: str) -> list[str]:
         res = s.get("error") or ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()
             if k in ("ppl", "ppl_calib", "achieved_ratio", "identical_tensors", "same_per_layer_shapes"))
+        if s.get("repair_modes"):
+            res += "; fits: " + ", ".join(f"{m} {n}" for m, n in s["repair_modes"].items())
         gb = f"{s['bytes'] / 1e9:.2f} GB" if isinstance(s.get("bytes"), (int, float)) else "–"
         line = f"| {s['name']} | {s['run']} | {_gib(s)} | {_secs(s)} | {gb} | {res} |"
         if old:
@@ -431,16 +443,17 @@ def recon_7b(b: Bench, dense: Path, work: Path, layers: int | None = None) -> No
     ``--reconstruct lsq`` (sequential, residual target), then a streamed ppl of the output (loads and runs).
     With ``layers``: on a 7B-shaped model cut to that many (full-size) layers, with its own forward-only pass —
     the peak is a per-layer quantity, so a machine too loaded for 32 layers still measures the ratio."""
-    tag = f"7b-shape {layers} layers:" if layers else "7b"
+    cal = f"{RECON_CALIB['calib_samples']}x{RECON_CALIB['calib_len']} calibration"
+    tag = f"7b-shape {layers} layers, {cal}:" if layers else f"7b, {cal}:"
     if layers:
         dense = work / f"llama-7b-shape-{layers}l"
         if not (dense / "model.safetensors.index.json").exists():
             b.run(f"{tag} create", {"kind": "create", "shape": "llama-7b", "layers": layers, "out": str(dense)}, "7b")
-        b.run(f"{tag} fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense)}, "7b")
+    b.run(f"{tag} fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense), "calib": RECON_CALIB}, "7b")
     o = work / f"7b-wanda-sp-lsq{layers or ''}"
     b.run(f"{tag} {RECON_STEP}", {"kind": "prune", "model": str(dense), "out": str(o), "method": "wanda-sp",
                                   "ratio": 0.2, "options": METHOD_OPTS["wanda-sp"], "stream": True,
-                                  "reconstruct": "lsq"}, "7b")
+                                  "reconstruct": "lsq", "calib": RECON_CALIB}, "7b")
     b.run(f"{tag} wanda-sp + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
     shutil.rmtree(o, ignore_errors=True)
     if layers:
