@@ -24,7 +24,7 @@ from torch import nn
 from .calibrate import layer0_inputs
 from .checkpoint import Checkpoint, ShardWriter, layer_tensors
 from .device import to_cpu
-from .procmem import trim
+from .procmem import map_large_blocks, trim
 from .errors import EdgepruneError
 from .groups import model_groups
 from .models import DTYPES, copy_tokenizer, decoder_layers, meta_model, pruned_config, rebuild_buffers, save
@@ -71,6 +71,7 @@ class CheckpointSource:
     streamed = True
 
     def __init__(self, path: str | Path, dtype: str, device: torch.device, head: bool):
+        map_large_blocks()   # layer-sized tensors come and go: keep them off the heap so the RSS does not ratchet
         self.ck = Checkpoint(path)
         self.store_dtype = self.ck.dtype()
         if dtype != "auto" and dtype not in DTYPES:

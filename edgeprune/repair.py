@@ -115,45 +115,73 @@ def _run(fn, h: torch.Tensor, mods: dict) -> tuple[torch.Tensor, dict]:
     return out, cap
 
 
-def _attn_stats(layer, qi, hs, kwargs, opts: RepairOptions, hs_dense) -> tuple[RefitStats | None, list, list]:
+REPAIR_TOKENS = 512   # tokens per layer forward in the statistics passes: bounds the activations held at once
+
+
+def _chunks(h: torch.Tensor | None) -> list:
+    """``h [rows, T, d]`` as row chunks of about :data:`REPAIR_TOKENS` tokens (views). The statistics are sums over
+    tokens, so chunking changes only the order of the additions; a whole calibration batch of a 7B layer
+    (16 x 128 tokens) held ≈ 0.45 GB of MLP activations per forward."""
+    return [None] if h is None else list(torch.split(h, max(1, REPAIR_TOKENS // h.shape[1]), dim=0))
+
+
+def _attn_stats(layer, qi, hs, kwargs, opts: RepairOptions, hs_dense) -> tuple[RefitStats | None, list]:
     """The o_proj refit statistics over the calibration batches (the layer still dense) and, with a dense
-    stream, that stream's post-attention residuals and outputs (the dense layer's, computed on the spot)."""
+    stream, that stream's post-attention residuals (the dense layer's, computed on the spot)."""
     from .calibrate import layer_forward
 
     fwd = lambda h: layer_forward(layer, h, kwargs)
     o, post = layer.self_attn.o_proj, layer.post_attention_layernorm
     st = RefitStats(o.weight, qi, full=opts.mode == "obs") if qi is not None else None
-    hd, out_d = [], []
+    hd = []
     for b, h in enumerate(hs):
-        cx = _run(fwd, h, {"x": o})[1] if st is not None else None
-        t = r = None
+        posts = []
+        for hc, dc in zip(_chunks(h), _chunks(hs_dense[b]) if hs_dense is not None else [None] * len(_chunks(h))):
+            cx = _run(fwd, hc, {"x": o})[1] if st is not None else None
+            t = r = None
+            if dc is not None:
+                cd = _run(fwd, dc, {"t": o, "post": post})[1]
+                posts.append(cd["post"])
+                t = cd["t"]
+                r = dc - hc if opts.target == "resid" else None
+            if st is not None:
+                st.update(cx["x"], t, r)
         if hs_dense is not None:
-            y, cd = _run(fwd, hs_dense[b], {"t": o, "post": post})
-            hd.append(cd["post"])
-            out_d.append(y)
-            t = cd["t"]
-            r = hs_dense[b] - h if opts.target == "resid" else None
-        if st is not None:
-            st.update(cx["x"], t, r)
-    return st, hd, out_d
+            hd.append(torch.cat(posts))
+    return st, hd
 
 
 def _mlp_stats(layer, ch, hs, kwargs, opts: RepairOptions, hd) -> RefitStats:
     """The down_proj refit statistics: inputs from the layer (attention already pruned and refitted) on ``hs``;
-    with a dense stream, targets from the (still dense) MLP on the dense post-attention residuals ``hd``."""
+    with a dense stream, targets from the (still dense) MLP on the dense post-attention residuals ``hd``, which
+    become the dense layer's outputs in place (``hd + mlp(post(hd))``, the decoder layer's own last step)."""
     from .calibrate import layer_forward
 
     fwd = lambda h: layer_forward(layer, h, kwargs)
     down, post = layer.mlp.down_proj, layer.post_attention_layernorm
     st = RefitStats(down.weight, ch, full=opts.mode == "obs")
     for b, h in enumerate(hs):
-        cx = _run(fwd, h, {"x": down, "h": post})[1]
-        t = r = None
+        outs = []
+        for hc, dc in zip(_chunks(h), _chunks(hd[b]) if hd else [None] * len(_chunks(h))):
+            cx = _run(fwd, hc, {"x": down, "h": post})[1]
+            t = r = None
+            if dc is not None:
+                y, cd = _run(lambda z: layer.mlp(post(z)), dc, {"t": down})
+                outs.append(dc + y)
+                t = cd["t"]
+                r = dc - cx["h"] if opts.target == "resid" else None
+            st.update(cx["x"], t, r)
         if hd:
-            t = _run(lambda z: layer.mlp(post(z)), hd[b], {"t": down})[1]["t"]
-            r = hd[b] - cx["h"] if opts.target == "resid" else None
-        st.update(cx["x"], t, r)
+            hd[b] = torch.cat(outs)
     return st
+
+
+def _dense_outputs(layer, hd: list) -> None:
+    """The dense layer's outputs from its post-attention residuals, in place: ``hd + mlp(post(hd))`` (the MLP
+    still dense)."""
+    post = layer.post_attention_layernorm
+    for b in range(len(hd)):
+        hd[b] = torch.cat([dc + layer.mlp(post(dc)) for dc in _chunks(hd[b])])
 
 
 def _swap(lin, keep, r):
@@ -176,9 +204,9 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
     a, m = layer.self_attn, layer.mlp
     cut_attn, cut_mlp = kv.numel() != lg.n_kv, ch.numel() != lg.n_mlp
     qi = q_index(lg, kv) if cut_attn else None
-    st, hd, out_d = None, [], None
+    st, hd = None, []
     if hs_dense is not None or (cut_attn and opts.mode != "none"):
-        st, hd, out_d = _attn_stats(layer, qi if opts.mode != "none" else None, hs, kwargs, opts, hs_dense)
+        st, hd = _attn_stats(layer, qi if opts.mode != "none" else None, hs, kwargs, opts, hs_dense)
     if cut_attn:
         ki = kv_index(lg, kv)
         r = reconstruct(st, opts.mode, opts.damp, opts.intercept, f"layer {i} o_proj") if st is not None else None
@@ -192,9 +220,11 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
         del r
     if cut_mlp:
         r = None
-        if opts.mode != "none":
+        if opts.mode != "none":   # hd becomes the dense outputs on the way
             r = reconstruct(_mlp_stats(layer, ch, hs, kwargs, opts, hd), opts.mode, opts.damp, opts.intercept,
                             f"layer {i} down_proj")
+        elif hd:
+            _dense_outputs(layer, hd)
         m.gate_proj, m.up_proj = take_linear(m.gate_proj, rows=ch), take_linear(m.up_proj, rows=ch)
         m.down_proj = _swap(m.down_proj, ch, r) if r is not None else take_linear(m.down_proj, cols=ch)
         m.intermediate_size = ch.numel()
@@ -202,7 +232,9 @@ def repair_layer(i: int, layer, lg: LayerGroups, kv: torch.Tensor, ch: torch.Ten
             _record(rep, "down_proj", r)
         del r
         trim()
-    return rep, (out_d if hs_dense is not None else None)
+    elif hd:
+        _dense_outputs(layer, hd)
+    return rep, (hd if hs_dense is not None else None)
 
 
 def _set_heads(a, lg: LayerGroups, n_kv: int) -> None:
