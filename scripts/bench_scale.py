@@ -120,7 +120,8 @@ def job_prune(spec: dict) -> dict:
                       stream=spec["stream"], reconstruct=spec.get("reconstruct"))
     r = run_prune(spec["model"], spec["out"], cfg, overwrite=True, progress=False)
     res = {"achieved_ratio": r.achieved_ratio, "timings": r.timings, "bytes": dir_bytes(Path(spec["out"]))}
-    rec = json.loads((Path(spec["out"]) / "config.json").read_text())["pruning"].get("reconstruction")
+    prov = json.loads((Path(spec["out"]) / "config.json").read_text())["pruning"].get("provenance", {})
+    rec = prov.get("reconstruction")
     if rec:   # which fit each projection got: lsq solved, or the fallback
         modes = [m for layer in rec["layers"] for m in layer["modes"].values()]
         res["repair_modes"] = {m: modes.count(m) for m in sorted(set(modes))}
