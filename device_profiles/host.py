@@ -158,31 +158,42 @@ def calibration_file() -> Path | None:
     return None if c is None else c / "host_calibration.json"
 
 
-def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path | None:
-    """Store fitted figures for ``runtime`` (merged with what is there), keyed to this machine."""
-    f = calibration_file()
+def _read_entry(f: Path | None, runtime: str):
+    """This machine's entry for ``runtime`` in the cache file ``f`` (None when absent or unreadable)."""
+    if f is None or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text()).get(_key(), {}).get(runtime)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _write_entry(f: Path | None, runtime: str, value) -> Path | None:
+    """Set this machine's entry for ``runtime`` in ``f`` (other machines and runtimes kept; atomic replace)."""
     if f is None:
         return None
     try:
-        allc = json.loads(f.read_text()) if f.is_file() else {}
+        d = json.loads(f.read_text()) if f.is_file() else {}
     except (OSError, json.JSONDecodeError):
-        allc = {}
-    allc.setdefault(_key(), {})[runtime] = {k: {"value": v.value, "source": v.source} for k, v in figures.items()
-                                            if k in FIGURES}
+        d = {}
+    d.setdefault(_key(), {})[runtime] = value
     tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(allc, indent=1))
+    tmp.write_text(json.dumps(d, indent=1))
     os.replace(tmp, f)
     return f
 
 
+def save_calibration(runtime: str, figures: dict[str, Figure]) -> Path | None:
+    """Store fitted figures for ``runtime`` (merged with what is there), keyed to this machine."""
+    return _write_entry(calibration_file(), runtime, {k: {"value": v.value, "source": v.source}
+                                                      for k, v in figures.items() if k in FIGURES})
+
+
 def saved_calibration(runtime: str) -> dict[str, Figure]:
-    f = calibration_file()
-    if f is None or not f.is_file():
-        return {}
+    d = _read_entry(calibration_file(), runtime) or {}
     try:
-        d = json.loads(f.read_text()).get(_key(), {}).get(runtime, {})
         return {k: Figure(float(v["value"]), str(v["source"])) for k, v in d.items() if k in FIGURES}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return {}
 
 
@@ -202,26 +213,13 @@ def _overhead_file() -> Path | None:
 
 def recorded_overhead(runtime: str) -> float | None:
     """The runtime memory overhead (MB) this machine last recorded for ``runtime``, or None."""
-    f = _overhead_file()
-    if f is None or not f.is_file():
-        return None
+    v = _read_entry(_overhead_file(), runtime)
     try:
-        v = json.loads(f.read_text()).get(_key(), {}).get(runtime)
         return None if v is None else float(v)
-    except (OSError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError):
         return None
 
 
 def record_overhead(runtime: str, mb: float) -> None:
     """Record ``mb`` as this machine's runtime memory overhead for ``runtime`` (atomic replace)."""
-    f = _overhead_file()
-    if f is None:
-        return
-    try:
-        d = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        d = {}
-    d.setdefault(_key(), {})[runtime] = round(float(mb), 3)
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(d, indent=1))
-    os.replace(tmp, f)
+    _write_entry(_overhead_file(), runtime, round(float(mb), 3))

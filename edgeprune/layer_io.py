@@ -183,29 +183,21 @@ class ShardSink:
         self.tmp = self._ctx.__enter__()
         n = len(self.src.model.model.layers)
         self.writer = ShardWriter(self.tmp, n + 2)
-        self._embeddings_written = False
         return self
 
     def begin(self) -> None:
         """The first shard: the input embeddings. The engine calls this once the source has computed the layer-0
         inputs and freed its own copy, before the first layer is read (written on entry, two copies of the
         embeddings were resident at the streamed peak; written with layer 0, the layer as well)."""
-        self._write_embeddings()
-
-    def _write_embeddings(self) -> None:
-        if not self._embeddings_written:
-            self.writer.write({"model.embed_tokens.weight": self.src.ck.get("model.embed_tokens.weight")})
-            self._embeddings_written = True
+        self.writer.write({"model.embed_tokens.weight": self.src.ck.get("model.embed_tokens.weight")})
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
 
     def write(self, i: int, layer: nn.Module) -> None:
-        self._write_embeddings()
         self.writer.write(layer_tensors(layer, i, self.src.store_dtype))
 
     def finish(self, model, provenance: dict, report: str) -> None:
-        self._write_embeddings()
         ck = self.src.ck
         head = {"model.norm.weight": ck.get("model.norm.weight")}
         if not self.src.tied:

@@ -118,11 +118,17 @@ def _run(fn, h: torch.Tensor, mods: dict) -> tuple[torch.Tensor, dict]:
 REPAIR_TOKENS = 512   # tokens per layer forward in the statistics passes: bounds the activations held at once
 
 
-def _chunks(h: torch.Tensor | None) -> list:
+def _chunks(h: torch.Tensor) -> list[torch.Tensor]:
     """``h [rows, T, d]`` as row chunks of about :data:`REPAIR_TOKENS` tokens (views). The statistics are sums over
     tokens, so chunking changes only the order of the additions; a whole calibration batch of a 7B layer
     (16 x 128 tokens) held ≈ 0.45 GB of MLP activations per forward."""
-    return [None] if h is None else list(torch.split(h, max(1, REPAIR_TOKENS // h.shape[1]), dim=0))
+    return list(torch.split(h, max(1, REPAIR_TOKENS // h.shape[1]), dim=0))
+
+
+def _paired(h: torch.Tensor, d: torch.Tensor | None):
+    """The row chunks of ``h`` with the matching chunks of ``d`` (None throughout when there is no ``d``)."""
+    hc = _chunks(h)
+    return zip(hc, _chunks(d) if d is not None else [None] * len(hc))
 
 
 def _attn_stats(layer, qi, hs, kwargs, opts: RepairOptions, hs_dense) -> tuple[RefitStats | None, list]:
@@ -136,7 +142,7 @@ def _attn_stats(layer, qi, hs, kwargs, opts: RepairOptions, hs_dense) -> tuple[R
     hd = []
     for b, h in enumerate(hs):
         posts = []
-        for hc, dc in zip(_chunks(h), _chunks(hs_dense[b]) if hs_dense is not None else [None] * len(_chunks(h))):
+        for hc, dc in _paired(h, hs_dense[b] if hs_dense is not None else None):
             cx = _run(fwd, hc, {"x": o})[1] if st is not None else None
             t = r = None
             if dc is not None:
@@ -162,7 +168,7 @@ def _mlp_stats(layer, ch, hs, kwargs, opts: RepairOptions, hd) -> RefitStats:
     st = RefitStats(down.weight, ch, full=opts.mode == "obs")
     for b, h in enumerate(hs):
         outs = []
-        for hc, dc in zip(_chunks(h), _chunks(hd[b]) if hd else [None] * len(_chunks(h))):
+        for hc, dc in _paired(h, hd[b] if hd else None):
             cx = _run(fwd, hc, {"x": down, "h": post})[1]
             t = r = None
             if dc is not None:

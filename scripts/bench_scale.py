@@ -111,10 +111,15 @@ def job_create(spec: dict) -> dict:
     return {"bytes": dir_bytes(out)}
 
 
+def _calib(spec: dict) -> dict:
+    """The job's calibration: :data:`CALIB` with the spec's overrides (the recon step's :data:`RECON_CALIB`)."""
+    return {**CALIB, **spec.get("calib", {})}
+
+
 def job_prune(spec: dict) -> dict:
     from edgeprune.prune import PruneConfig, run_prune
 
-    c = {**CALIB, **spec.get("calib", {})}
+    c = _calib(spec)
     cfg = PruneConfig(spec["method"], spec["ratio"], calib=c["calib"], calib_samples=c["calib_samples"],
                       calib_len=c["calib_len"], seed=c["seed"], options=dict(spec["options"]),
                       stream=spec["stream"], reconstruct=spec.get("reconstruct"))
@@ -157,7 +162,7 @@ def job_fwd(spec: dict) -> dict:
     from edgeprune.models import load_tokenizer
     from edgeprune.stream import streamed_perplexity
 
-    c = {**CALIB, **spec.get("calib", {})}
+    c = _calib(spec)
     ids = calibration_ids(load_tokenizer(spec["model"]), c["calib"], c["calib_samples"], c["calib_len"], c["seed"])
     return {"ppl_calib": streamed_perplexity(spec["model"], ids, batch_size=8)}
 

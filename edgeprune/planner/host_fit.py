@@ -142,11 +142,10 @@ def settle_overhead(cal: HostCalibration, peak_rss_mb: float) -> HostCalibration
     figures are not settled here: each measurement is already the best of its repeats."""
     from device_profiles.host import record_overhead, recorded_overhead
 
-    old = recorded_overhead(cal.runtime)
-    new = cal.runtime_overhead_mb
-    if old is not None and abs(new - old) <= memory_noise_mb(peak_rss_mb):
-        note = (f"memory overhead measured {new:.2f} MB, within the measurement's noise "
-                f"(±{memory_noise_mb(peak_rss_mb):.2f} MB) of the {old:.2f} MB this machine recorded: kept {old:.2f}")
+    old, new, noise = recorded_overhead(cal.runtime), cal.runtime_overhead_mb, memory_noise_mb(peak_rss_mb)
+    if old is not None and abs(new - old) <= noise:
+        note = (f"memory overhead measured {new:.2f} MB, within the measurement's noise (±{noise:.2f} MB) of the "
+                f"{old:.2f} MB this machine recorded: kept {old:.2f}")
         return replace(cal, runtime_overhead_mb=old, notes=[*cal.notes, note])
     record_overhead(cal.runtime, new)
     return cal
