@@ -73,6 +73,12 @@ class ReconstructionWarning(UserWarning):
     """A refit degraded to ``bias`` (singular / ill-conditioned Gram matrix or no gain)."""
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``, by two reductions (``torch.isfinite`` would allocate ``|t|`` and two masks: 1.7×
+    the tensor, 0.8 GB for a 7B down_proj Gram)."""
+    return t.numel() == 0 or (math.isfinite(float(t.amax())) and math.isfinite(float(t.amin())))
+
+
 def stat_dtype(d: int) -> torch.dtype:
     """Accumulation dtype of statistics over ``d`` inputs: float64 up to ``F64_MAX_DIM``, float32 above."""
     return torch.float64 if d <= F64_MAX_DIM else torch.float32
@@ -81,7 +87,8 @@ def stat_dtype(d: int) -> torch.dtype:
 @dataclass
 class Gram:
     """Running second moment ``xx = H = Σ x xᵀ`` of a projection's (full) inputs over ``n`` tokens, accumulated
-    one token block at a time (no float64 copy of the activations) — the OBS importance's statistic."""
+    one token block at a time (at most ``BLOCK_ELEMS`` converted elements; no float64 copy of the activations)
+    — the OBS importance's statistic."""
 
     xx: torch.Tensor | None = None
     n: int = 0
@@ -90,8 +97,9 @@ class Gram:
         x = x.detach().reshape(-1, x.shape[-1])
         if self.xx is None:
             self.xx = torch.zeros(x.shape[1], x.shape[1], dtype=stat_dtype(x.shape[1]), device=x.device)
-        for a in range(0, x.shape[0], TOKEN_BLOCK):
-            xb = x[a:a + TOKEN_BLOCK].to(self.xx.dtype)
+        step = max(1, min(TOKEN_BLOCK, BLOCK_ELEMS // x.shape[1]))
+        for a in range(0, x.shape[0], step):
+            xb = x[a:a + step].to(self.xx.dtype)
             self.xx.addmm_(xb.T, xb)
         self.n += x.shape[0]
 
@@ -303,6 +311,58 @@ def obs_remove(w: torch.Tensor, g: Gram, remove: list[torch.Tensor], damp: float
     return w
 
 
+def _obs_inverse(g: Gram, damp: float, name: str) -> torch.Tensor:
+    """``(H + λI)⁻¹`` for :func:`obs_order`. Float64 statistics are copied; when singular, damping 1.0, then
+    ``I`` (magnitude cost). Float32 ones (wider than ``F64_MAX_DIM``) are inverted in place, using ``g.xx`` up;
+    when singular, the diagonal ``(diag H + mean(diag H))⁻¹`` (the diagonal OBS cost under damping 1.0)."""
+    if g.xx.dtype == torch.float64:
+        hinv = _damped_inverse(g.xx, damp)
+        if hinv is None:
+            warnings.warn(f"{name}: H is singular even with damping {damp}; OBS order uses damping 1.0",
+                          ReconstructionWarning, stacklevel=3)
+            hinv = _damped_inverse(g.xx, 1.0)
+        return hinv if hinv is not None else torch.eye(g.xx.shape[0], dtype=torch.float64, device=g.xx.device)
+    h, g.xx = g.xx, None
+    dg = h.diagonal().clone()
+    if not _inverse_inplace(h, damp):
+        warnings.warn(f"{name}: H is singular even with damping {damp}; OBS order uses the diagonal cost under "
+                      "damping 1.0", ReconstructionWarning, stacklevel=3)
+        h.zero_()
+        h.diagonal().copy_(1 / (dg + max(float(dg.mean()), 1e-30)))
+    return h
+
+
+def _inverse_inplace(h: torch.Tensor, damp: float) -> bool:
+    """``h ← (h + λI)⁻¹`` in place (LAPACK ``potrf`` + ``potri`` on the CPU, one triangle mirrored block by
+    block); False (``h`` overwritten) when ``h + λI`` is not positive definite or the inverse is not finite."""
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    if h.device.type != "cpu":
+        l, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0:
+            return False
+        h.copy_(torch.cholesky_inverse(l))
+        return _finite(h)
+    import numpy as np
+    from scipy.linalg import get_lapack_funcs
+
+    hn = h.numpy()
+    potrf, potri = get_lapack_funcs(("potrf", "potri"), (hn,))
+    c, info = potrf(hn.T, lower=1, overwrite_a=1, clean=0)     # Fortran lower = the C view's upper triangle
+    if info == 0:
+        c, info = potri(c, lower=1, overwrite_c=1)
+    if info != 0:
+        return False
+    if not np.shares_memory(c, hn):
+        hn[...] = c.T
+    blk = 1024
+    for i0 in range(0, h.shape[0], blk):                            # upper triangle -> lower, block by block
+        i1 = min(i0 + blk, h.shape[0])
+        d = h[i0:i1, i0:i1]
+        d.copy_(torch.triu(d) + torch.triu(d, 1).T)
+        h[i1:, i0:i1] = h[i0:i1, i1:].T
+    return _finite(h)
+
+
 def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     h = h.clone()
     h.diagonal().add_(damp * float(h.diagonal().mean()))
@@ -310,27 +370,38 @@ def _damped_inverse(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     hinv = torch.cholesky_inverse(l)
-    return hinv if bool(torch.isfinite(hinv).all()) else None
+    return hinv if _finite(hinv) else None
 
 
 def _obs_step(w: torch.Tensor, hinv: torch.Tensor, q: torch.Tensor):
-    """One OBS removal of column group ``q``: ``W −= W_Q (H⁻¹_QQ)⁻¹ H⁻¹_Q,:``, downdate ``H⁻¹``."""
+    """One OBS removal of column group ``q``, in place: ``W −= W_Q (H⁻¹_QQ)⁻¹ H⁻¹_Q,:``, downdate ``H⁻¹``."""
     hq = hinv.index_select(0, q)                                   # H⁻¹_{Q,:}
     iqq = torch.linalg.inv(hq.index_select(1, q))                 # (H⁻¹_QQ)⁻¹
-    w = w - (w.index_select(1, q) @ iqq) @ hq
-    hinv = hinv - hq.T @ iqq @ hq
+    _sub_product(w, w.index_select(1, q) @ iqq, hq)
+    _sub_product(hinv, hq.T @ iqq, hq)
     w[:, q] = 0
     hinv[q, :] = 0
     hinv[:, q] = 0
     return w, hinv
 
 
+def _sub_product(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``m −= a @ b`` in place, ``BLOCK_ELEMS`` elements of ``m`` at a time (no temporary as large as ``m``)."""
+    rows = max(1, BLOCK_ELEMS // m.shape[1])
+    for r0 in range(0, m.shape[0], rows):
+        m[r0:r0 + rows].sub_(a[r0:r0 + rows] @ b)
+
+
 def obs_costs(w: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """OBS cost of removing each group (rows of ``groups`` [n_groups, g] index columns):
-    ``tr(W_Q (H⁻¹_QQ)⁻¹ W_Qᵀ)`` for every Q at once (batched g×g solves)."""
-    blk = hinv[groups[:, :, None], groups[:, None, :]]             # [G, g, g]
-    wq = w[:, groups].permute(1, 2, 0)                             # [G, g, d_out]
-    return (wq * torch.linalg.solve(blk, wq)).sum((1, 2))
+    ``tr(W_Q (H⁻¹_QQ)⁻¹ W_Qᵀ)`` for every Q (batched g×g solves, ``BLOCK_ELEMS`` weights at a time)."""
+    per = max(1, BLOCK_ELEMS // (groups.shape[1] * w.shape[0]))
+    out = []
+    for c in groups.split(per):
+        blk = hinv[c[:, :, None], c[:, None, :]]                   # [G, g, g]
+        wq = w[:, c].permute(1, 2, 0)                              # [G, g, d_out]
+        out.append((wq * torch.linalg.solve(blk, wq)).sum((1, 2)))
+    return torch.cat(out)
 
 
 def obs_order(w: torch.Tensor, g: Gram, group_size: int, damp: float = DAMP, max_steps: int = 256,
@@ -338,19 +409,14 @@ def obs_order(w: torch.Tensor, g: Gram, group_size: int, damp: float = DAMP, max
     """Greedy OBS removal order of the column groups ``[j·size, (j+1)·size)`` of ``W`` (ZipLM / SlimGPT):
     each step removes the cheapest ``ceil(n_groups / max_steps)`` groups (one at a time when there are at most
     ``max_steps``), applies their update and downdates ``H⁻¹``. Returns the group indices in removal order and
-    the cost each had when removed (float64, the layer's squared output error it added). On a singular ``H``
-    the order falls back to the diagonal OBS cost ``‖W_{:,j}‖² / H⁻¹_jj`` under heavier damping, with a warning."""
+    the cost each had when removed (the layer's squared output error it added), in the Gram's dtype (float64 up
+    to ``F64_MAX_DIM`` inputs; above, float32 and in place: the Gram is used up, and the working memory is one
+    ``d²`` matrix plus a copy of ``W``). A singular ``H`` degrades with a warning (:func:`_obs_inverse`)."""
     d = w.shape[1]
     n_groups = d // group_size
     groups = torch.arange(d).reshape(n_groups, group_size)
-    w = w.double().clone()
-    hinv = _damped_inverse(g.xx.double(), damp)
-    if hinv is None:
-        warnings.warn(f"{name}: H is singular even with damping {damp}; OBS order uses damping 1.0",
-                      ReconstructionWarning, stacklevel=2)
-        hinv = _damped_inverse(g.xx.double(), 1.0)
-        if hinv is None:
-            hinv = torch.eye(d, dtype=torch.float64)
+    w = w.to(g.xx.dtype, copy=True)
+    hinv = _obs_inverse(g, damp, name)
     alive = torch.ones(n_groups, dtype=torch.bool)
     order, costs = [], []
     step = max(1, math.ceil(n_groups / max_steps))
@@ -419,7 +485,6 @@ def reconstruct(st: RefitStats, mode: str = "lsq", damp: float = DAMP, intercept
 def _out(ws, b, dtype, mode, e, e_none) -> Refit:
     ws = ws.to(dtype).contiguous()         # a refit is a view of the solved B: its own (kept-size) matrix
     b = None if b is None else b.to(dtype).contiguous()
-    finite = lambda t: t.numel() == 0 or (math.isfinite(float(t.amax())) and math.isfinite(float(t.amin())))
-    if not finite(ws) or (b is not None and not finite(b)):
+    if not _finite(ws) or (b is not None and not _finite(b)):
         raise FloatingPointError(f"{mode} refit produced non-finite weights")  # guarded above; never expected
     return Refit(ws, b, mode, e, e_none)

@@ -48,6 +48,8 @@ METHOD_OPTS = {
 }
 EVAL_CHUNKS, EVAL_LEN = 2, 128
 RECON_STEP = "prune wanda-sp --stream --reconstruct lsq"
+RECON_STEPS = {"wanda-sp": RECON_STEP,   # the default method: OBS importance (global) + its default lsq repair
+               "obs": "prune --stream (default: obs, global, lsq)"}
 # The recon step calibrates as a default ``edgeprune prune`` does (128 x 128 = 16,384 tokens): a least-squares
 # refit needs at least as many tokens as kept inputs (down_proj keeps 8,807 of 11,008 at 20 %); on fewer it is
 # skipped as rank-deficient and falls back to bias compensation (8 x 64 = 512 tokens measured no solve at all).
@@ -385,10 +387,14 @@ def main() -> int:
     ap.add_argument("--commit", default=None, help="with --absorb: the commit the absorbed run measured")
     ap.add_argument("--steps", default="fwd,methods,recon",
                     help="7B steps to run (comma list of fwd, methods, recon; the model is created when missing)")
+    ap.add_argument("--recon-methods", default=",".join(RECON_STEPS),
+                    help=f"methods of the recon step (of {', '.join(RECON_STEPS)})")
     ap.add_argument("--recon-layers", type=int, default=None,
                     help="the recon step on a 7B shape cut to N layers (own model and forward-only pass)")
     a = ap.parse_args()
     steps = set(a.steps.split(","))
+    if set(a.recon_methods.split(",")) - set(RECON_STEPS):
+        ap.error(f"--recon-methods {a.recon_methods!r}: use a comma list of {', '.join(RECON_STEPS)}")
     if a.child:
         child(json.loads(a.child))
         return 0
@@ -438,15 +444,17 @@ def main() -> int:
                 b.run(f"7b {mth} output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
             shutil.rmtree(o, ignore_errors=True)
         if "recon" in steps:
-            recon_7b(b, dense, work, a.recon_layers)
+            recon_7b(b, dense, work, a.recon_layers, tuple(a.recon_methods.split(",")))
         if not a.keep:
             shutil.rmtree(dense, ignore_errors=True)
     return 0
 
 
-def recon_7b(b: Bench, dense: Path, work: Path, layers: int | None = None) -> None:
-    """The streamed prune with the least-squares refit (issue #13 item 5): wanda-sp (uniform) at 20 %,
-    ``--reconstruct lsq`` (sequential, residual target), then a streamed ppl of the output (loads and runs).
+def recon_7b(b: Bench, dense: Path, work: Path, layers: int | None = None,
+             methods: tuple[str, ...] = tuple(RECON_STEPS)) -> None:
+    """The streamed prune with the least-squares refit (issue #13 item 5) at 20 %, for each of ``methods``:
+    wanda-sp (uniform) ``--reconstruct lsq``, and the default ``prune`` (OBS importance, global, lsq; its
+    d_in² Gram is the largest statistic), each followed by a streamed ppl of the output (loads and runs).
     With ``layers``: on a 7B-shaped model cut to that many (full-size) layers, with its own forward-only pass —
     the peak is a per-layer quantity, so a machine too loaded for 32 layers still measures the ratio."""
     cal = f"{RECON_CALIB['calib_samples']}x{RECON_CALIB['calib_len']} calibration"
@@ -456,12 +464,13 @@ def recon_7b(b: Bench, dense: Path, work: Path, layers: int | None = None) -> No
         if not (dense / "model.safetensors.index.json").exists():
             b.run(f"{tag} create", {"kind": "create", "shape": "llama-7b", "layers": layers, "out": str(dense)}, "7b")
     b.run(f"{tag} fwd-only (streamed LM loss)", {"kind": "fwd", "model": str(dense), "calib": RECON_CALIB}, "7b")
-    o = work / f"7b-wanda-sp-lsq{layers or ''}"
-    b.run(f"{tag} {RECON_STEP}", {"kind": "prune", "model": str(dense), "out": str(o), "method": "wanda-sp",
-                                  "ratio": 0.2, "options": METHOD_OPTS["wanda-sp"], "stream": True,
-                                  "reconstruct": "lsq", "calib": RECON_CALIB}, "7b")
-    b.run(f"{tag} wanda-sp + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
-    shutil.rmtree(o, ignore_errors=True)
+    for mth in methods:
+        o = work / f"7b-{mth}-lsq{layers or ''}"
+        b.run(f"{tag} {RECON_STEPS[mth]}", {"kind": "prune", "model": str(dense), "out": str(o), "method": mth,
+                                            "ratio": 0.2, "options": METHOD_OPTS.get(mth, {}), "stream": True,
+                                            "reconstruct": "lsq", "calib": RECON_CALIB}, "7b")
+        b.run(f"{tag} {mth} + lsq output: streamed ppl", {"kind": "ppl", "model": str(o), "stream": True}, "7b")
+        shutil.rmtree(o, ignore_errors=True)
     if layers:
         shutil.rmtree(dense, ignore_errors=True)
 

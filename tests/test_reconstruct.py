@@ -1,4 +1,5 @@
 """Numerics of edgeprune.reconstruct: least-squares / OBS refit of a projection on its kept input columns."""
+import math
 import warnings
 
 import pytest
@@ -172,6 +173,35 @@ def test_obs_order_removes_the_cheap_groups_first():
     order, costs = obs_order(w, _gram(x), group_size=8)
     assert order[0] == 1 and sorted(order) == [0, 1, 2, 3] and len(costs) == 4
     assert all(c >= 0 for c in costs)
+
+
+def test_obs_order_in_place_float32_matches_float64(monkeypatch):
+    """Above F64_MAX_DIM inputs the OBS order runs in float32, in place, on the Gram itself (used up), in blocks
+    (tiny blocks here): the same order and costs as the float64 path, within float32 accuracy."""
+    import edgeprune.reconstruct as rc
+
+    x, w = _data(d_in=48, d_out=16, n=900, seed=8)
+    ref_order, ref_costs = obs_order(w, _gram(x), group_size=4)
+    monkeypatch.setattr(rc, "F64_MAX_DIM", 16)
+    monkeypatch.setattr(rc, "BLOCK_ELEMS", 40)
+    g = _gram(x.float())
+    assert g.xx.dtype == torch.float32
+    order, costs = obs_order(w.float(), g, group_size=4)
+    assert g.xx is None                                  # inverted in place: no second d² matrix
+    assert order == ref_order
+    torch.testing.assert_close(torch.tensor(costs), torch.tensor(ref_costs, dtype=torch.float32), rtol=2e-3,
+                               atol=1e-3 * max(ref_costs))
+
+
+def test_obs_order_on_a_singular_float32_gram_warns_and_is_finite(monkeypatch):
+    import edgeprune.reconstruct as rc
+
+    monkeypatch.setattr(rc, "F64_MAX_DIM", 4)
+    x, w = _data(d_in=12, seed=9)
+    g = _gram(torch.zeros_like(x).float())               # all inputs dead: H = 0 for every damping
+    with pytest.warns(ReconstructionWarning, match="layer 3 down_proj.*diagonal"):
+        order, costs = obs_order(w.float(), g, group_size=1, name="layer 3 down_proj")
+    assert sorted(order) == list(range(12)) and all(math.isfinite(c) for c in costs)
 
 
 def test_gram_float32_above_threshold_and_blockwise(monkeypatch):
