@@ -400,7 +400,8 @@ def obs_costs(w: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torc
     for c in groups.split(per):
         blk = hinv[c[:, :, None], c[:, None, :]]                   # [G, g, g]
         wq = w[:, c].permute(1, 2, 0)                              # [G, g, d_out]
-        out.append((wq * torch.linalg.solve(blk, wq)).sum((1, 2)))
+        sol = wq * (1 / blk) if groups.shape[1] == 1 else torch.linalg.solve(blk, wq)   # 1×1: LAPACK solves by the reciprocal
+        out.append((wq * sol).sum((1, 2)))
     return torch.cat(out)
 
 
