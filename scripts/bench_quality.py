@@ -9,7 +9,8 @@ interrupted run resumes. Writes ``benchmarks/quality.json`` and ``benchmarks/qua
 A configuration is ``method[:allocation[:reconstruct]]`` (empty allocation: the method's own; reconstruct
 ``none|bias|lsq|obs``, ``default``: the method's own repair); ``--recons`` crosses every configuration without
 an explicit reconstruct with that list. ``--recovery method:ratio:reconstruct:minutes`` rows prune, run the
-group-wise fine-tune (``edgeprune finetune --strategy groupwise --data gutenberg``) and evaluate the result.
+group-wise fine-tune (``edgeprune finetune --strategy groupwise --data gutenberg``, lr ``--recovery-lr``, default
+3e-3) and evaluate the result.
 
     python scripts/bench_quality.py [--ratios 0.2,0.5] [--configs flap:global,obs] [--recons none,bias,lsq]
     python scripts/bench_quality.py --recovery obs:0.5:lsq:10 --zs-limit 0
@@ -87,6 +88,7 @@ def _parse_args():
     ap.add_argument("--fresh", action="store_true", help="ignore cached results")
     ap.add_argument("--recons", default="", help="comma list of reconstruct modes crossed with every config")
     ap.add_argument("--recovery", default="", help="comma list of method:ratio:reconstruct:minutes recovery rows")
+    ap.add_argument("--recovery-lr", default="3e-3", help="learning rate of the recovery rows' fine-tune")
     ap.add_argument("--ppl", default=",".join(PPL_SETS), help="perplexity texts (default: all three, whole)")
     ap.add_argument("--no-dense", action="store_true", help="do not evaluate the dense row here (merge it later)")
     ap.add_argument("--rows-from", default="", help="comma list of DIR=EVAL_JSON=COMMAND: rows from a model pruned "
@@ -168,7 +170,8 @@ def main() -> None:
                     save()
         for spec in [x for x in a.recovery.split(",") if x]:
             method, ratio, recon, minutes = spec.split(":")
-            key = f"{method}:default:{recon}@{float(ratio)}+groupwise{minutes}"
+            lr = a.recovery_lr
+            key = f"{method}:default:{recon}@{float(ratio)}+groupwise{minutes}" + ("" if lr == "3e-3" else f"-lr{lr}")
             if key in res["rows"]:
                 continue
             print(f"running {key}", flush=True)
@@ -177,10 +180,10 @@ def main() -> None:
                 continue
             tuned = f"{row['dir']}-ft"
             cmd = [sys.executable, "-m", "edgeprune.cli", "finetune", row["dir"], "--data", "gutenberg", "--strategy",
-                   "groupwise", "--minutes", minutes, "--lr", "3e-3", "--out", tuned, "--quiet", "--threads", "1"]
+                   "groupwise", "--minutes", minutes, "--lr", lr, "--out", tuned, "--quiet", "--threads", "1"]
             wall, _, _ = run(cmd)
             row.pop("dir")
-            res["rows"][key] = {**row, "recovery": f"groupwise {minutes} min (gutenberg, lr 3e-3, teacher auto)",
+            res["rows"][key] = {**row, "recovery": f"groupwise {minutes} min (gutenberg, lr {lr}, teacher auto)",
                                 "finetune_wall_s": round(wall, 1), **evaluate(tuned, a.zs_limit, a.max_chunks)}
             save()
     save()
