@@ -486,9 +486,15 @@ def _ignore_sigxfsz() -> None:
         pass
 
 
+# the signal turned into Terminated in this process: raised inside a library, the exception can surface as the
+# library's own error (a SIGTERM 0.63 s into a fine-tune ended in torch's "!dynamicLayerStack.empty()" assert)
+_RECEIVED: list[int] = []
+
+
 def _on_signal(signum, frame):
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)   # a second signal must not cut the cleanup short
+    _RECEIVED.append(signum)
     raise Terminated(signum)
 
 
@@ -506,6 +512,7 @@ def _handle_signals() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _RECEIVED.clear()
     _ignore_sigxfsz()
     old = _handle_signals()
     try:
@@ -522,40 +529,47 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args) or 0
-    except EdgepruneError as e:
+    except KeyboardInterrupt as e:
+        return _interrupted(getattr(e, "signum", signal.SIGINT))
+    except Exception as e:  # noqa: BLE001
+        if _RECEIVED:   # whatever error the signal's exception turned into on its way up, it is the interrupt
+            return _interrupted(_RECEIVED[0])
+        return _report(e)
+
+
+def _interrupted(signum: int) -> int:
+    print(f"edgeprune: interrupted ({signal.Signals(signum).name}); partial outputs were removed", file=sys.stderr)
+    return 128 + signum
+
+
+def _report(e: Exception) -> int:
+    """One stderr line and the exit code for the exception that ended a command."""
+    if isinstance(e, EdgepruneError):
         print(f"edgeprune: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"edgeprune: interrupted ({signal.Signals(signum).name}); partial outputs were removed",
-              file=sys.stderr)
-        return 128 + signum
-    except MemoryError:
+    if isinstance(e, MemoryError):
         print("edgeprune: error: out of memory; use a smaller model, fewer --calib-samples, or --stream", file=sys.stderr)
         return 1
-    except OSError as e:
-        if os.environ.get("EDGEPRUNE_DEBUG"):
-            raise
+    if os.environ.get("EDGEPRUNE_DEBUG"):
+        raise e
+    if isinstance(e, OSError):
         where = f" ({e.filename})" if e.filename else ""
         what = e.strerror or (f"write failed: {e.args[0]}" if e.errno is None and e.args else str(e))
         print(f"edgeprune: error: {_one_line(what)}{where}; check the path, permissions and free disk "
               "space (and any file-size limit, ulimit -f)", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("EDGEPRUNE_DEBUG"):
-            raise
-        text = _one_line(e, 300)
-        if any(m in text.lower() for m in _IO_MARKERS):
-            print(f"edgeprune: error: writing output failed ({type(e).__name__}: {text}); check free disk space, "
-                  "permissions and any file-size limit (ulimit -f), then re-run", file=sys.stderr)
-            return 2
-        lib = _library_error(e, text)
-        if lib:
-            print(f"edgeprune: error: {lib}", file=sys.stderr)
-            return 2
-        print(f"edgeprune: internal error: {type(e).__name__}: {text} "
-              "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
-        return 1
+    text = _one_line(e, 300)
+    if any(m in text.lower() for m in _IO_MARKERS):
+        print(f"edgeprune: error: writing output failed ({type(e).__name__}: {text}); check free disk space, "
+              "permissions and any file-size limit (ulimit -f), then re-run", file=sys.stderr)
+        return 2
+    lib = _library_error(e, text)
+    if lib:
+        print(f"edgeprune: error: {lib}", file=sys.stderr)
+        return 2
+    print(f"edgeprune: internal error: {type(e).__name__}: {text} "
+          "(set EDGEPRUNE_DEBUG=1 for a traceback and report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
