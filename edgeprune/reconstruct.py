@@ -333,23 +333,21 @@ def _obs_inverse(g: Gram, damp: float, name: str) -> torch.Tensor:
 
 
 def _inverse_inplace(h: torch.Tensor, damp: float) -> bool:
-    """``h ← (h + λI)⁻¹`` in place (LAPACK ``potrf`` + ``potri`` on the CPU, one triangle mirrored block by
-    block); False (``h`` overwritten) when ``h + λI`` is not positive definite or the inverse is not finite."""
+    """``h ← (h + λI)⁻¹`` in place: :func:`_cholesky_inplace`, then LAPACK ``potri`` on the factor (torch's
+    ``cholesky_inverse`` off the CPU) and one triangle mirrored block by block; False (``h`` overwritten) when
+    the factorisation fails or the inverse is not finite."""
     h.diagonal().add_(damp * float(h.diagonal().mean()))
+    if not _cholesky_inplace(h):
+        return False
     if h.device.type != "cpu":
-        l, info = torch.linalg.cholesky_ex(h)
-        if int(info) != 0:
-            return False
-        h.copy_(torch.cholesky_inverse(l))
+        h.copy_(torch.cholesky_inverse(h, upper=True))              # the factor is stored as Lᵀ
         return _finite(h)
     import numpy as np
     from scipy.linalg import get_lapack_funcs
 
     hn = h.numpy()
-    potrf, potri = get_lapack_funcs(("potrf", "potri"), (hn,))
-    c, info = potrf(hn.T, lower=1, overwrite_a=1, clean=0)     # Fortran lower = the C view's upper triangle
-    if info == 0:
-        c, info = potri(c, lower=1, overwrite_c=1)
+    (potri,) = get_lapack_funcs(("potri",), (hn,))
+    c, info = potri(hn.T, lower=1, overwrite_c=1)                  # Fortran lower = the C view's upper triangle
     if info != 0:
         return False
     if not np.shares_memory(c, hn):
