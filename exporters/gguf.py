@@ -574,10 +574,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "f16", thre
         return write_gguf(model, model_dir, out, quant, max_context)
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     # the float intermediate is a hidden temp sibling: a killed export never leaves a finished-looking .gguf
+    # (written inside the try: a signal between its final rename and the quantization must still remove it)
     mid = out.with_name(f".{out.name}.tmp-{os.getpid()}-{'f16' if half else 'f32'}.gguf")
-    s = write_gguf(model, model_dir, mid, "f16" if half else "f32", max_context)
-    del model
     try:
+        s = write_gguf(model, model_dir, mid, "f16" if half else "f32", max_context)
+        del model
         rep = quantize(mid, out, quant, threads)
     finally:
         if not keep_intermediate:

@@ -196,7 +196,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
     I/O). ``target`` optimum refuses per-layer KV heads, which it cannot load (see :mod:`.onnx_runtimes`).
     What the traced graph cannot compute is refused first (:mod:`exporters.features`)."""
     import shutil
-    import tempfile
 
     from edgeprune.models import copy_tokenizer, head_dim, layer_shapes, load, pruned_config
     from edgeprune.paths import atomic_dir
@@ -222,7 +221,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", qua
     check_target(target, kv)
     t0 = time.time()
     with atomic_dir(out, overwrite=True) as tmp:
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-f32-", dir=tmp.parent)) if (dtype != "fp32" or quant) else tmp
+        # the f32 graph of an fp16/int8 export lives inside tmp, so whatever interrupts the export removes it too
+        work = tmp / ".f32" if (dtype != "fp32" or quant) else tmp
+        work.mkdir(exist_ok=True)
         try:
             ext = export_decoder(model, work / "model.onnx", external)
             if dtype == "fp16":

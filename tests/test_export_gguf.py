@@ -2,6 +2,8 @@
 quantization fallbacks. Real llama.cpp, no mocks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,11 +96,32 @@ def test_quant_fallbacks_reported(tmp_path, quant):
         assert all(f.got == "f16" for f in rep.fallbacks)
     else:
         assert "blk.0.ffn_up.weight" in bad and {f.got for f in rep.fallbacks} <= {"q5_0", "q5_1", "q8_0", "f16"}
-    assert not (tmp_path / "m.f32.gguf").exists()             # intermediate removed
+    assert not [f.name for f in tmp_path.iterdir() if ".tmp-" in f.name]     # the f32 intermediate removed
     rt = LlamaCppRuntime(s.path, n_ctx=64, threads=1)
     ids = prompt_ids(m.config.vocab_size)
     assert np.isfinite(rt.logits(ids)).all()
     rt.close()
+
+
+def test_an_interrupt_after_the_intermediate_is_written_leaves_nothing(tmp_path, monkeypatch):
+    """A SIGTERM that lands between the f32 intermediate's final rename and its quantization (the clean-clone CI's
+    chaos test, 0.2 s into an export) removes the intermediate: nothing beside the output, and no output."""
+    import exporters.gguf as G
+
+    m, d = make_model(tmp_path, "i", "gqa")
+    real = G.write_gguf
+
+    def written_then_interrupted(*a, **k):
+        s = real(*a, **k)
+        assert Path(a[2]).is_file()                          # the intermediate is in place, finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "write_gguf", written_then_interrupted)
+    out = tmp_path / "o" / "m.gguf"
+    out.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        G.export_gguf(d, out, "q8_0", threads=1)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_rounded_shapes_do_not_fall_back(tmp_path):
