@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from edgeprune.paths import replace_text
+
 from .figures import FIGURES, Figure
 
 PROBE_VERSION = 1
@@ -129,9 +131,7 @@ def host_measurement(refresh: bool = False) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     d = measure()
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(d, indent=1))
-    os.replace(tmp, f)
+    replace_text(f, json.dumps(d, indent=1))
     return d
 
 
@@ -177,9 +177,7 @@ def _write_entry(f: Path | None, runtime: str, value) -> Path | None:
     except (OSError, json.JSONDecodeError):
         d = {}
     d.setdefault(_key(), {})[runtime] = value
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(d, indent=1))
-    os.replace(tmp, f)
+    replace_text(f, json.dumps(d, indent=1))
     return f
 
 

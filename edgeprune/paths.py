@@ -382,6 +382,20 @@ def atomic_file(out: str | Path):
         release_output(out)
 
 
+def replace_text(f: str | Path, text: str) -> Path:
+    """Write ``text`` to ``f`` through a hidden temp sibling and an atomic replace (last writer wins: for caches,
+    not outputs). Whatever interrupts the write removes the sibling; readers see the old text or the new."""
+    f = Path(f)
+    tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        with _signals_deferred():
+            os.replace(tmp, f)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return f
+
+
 def _name_target(e: BaseException, out: Path) -> None:
     """A failed write that does not say which file (numpy's tofile, a full disk) names the artifact being written."""
     if isinstance(e, OSError) and not e.filename:

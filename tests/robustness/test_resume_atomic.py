@@ -256,3 +256,25 @@ def test_every_artifact_writer_is_atomic():
                     continue
                 bad.append(f"{rel}:{node.lineno} {fn.name}() calls .{name}() outside atomic_file/atomic_dir")
     assert not bad, "\n".join(bad)
+
+
+def test_cache_writes_leave_no_temp_sibling_when_interrupted(tmp_path, monkeypatch):
+    """replace_text (the host cache's writer): an interrupt after the temp sibling is written removes it and keeps
+    the old text; an uninterrupted write replaces it."""
+    from edgeprune.paths import replace_text
+
+    f = tmp_path / "host.json"
+    replace_text(f, "old")
+    real = Path.write_text
+
+    def written_then_interrupted(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", written_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_text(f, "new")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["host.json"] and f.read_text() == "old"
+    replace_text(f, "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["host.json"] and f.read_text() == "new"
