@@ -138,13 +138,19 @@ def _lock_output(p: Path, flag: str) -> None:
     """Exclusive ``flock`` on a lock file (under the system temp folder, keyed by the path) for ``p``, held by this
     process until :func:`release_output` (which deletes the file) or exit; the kernel drops it when the process
     dies, even by ``kill -9`` (the file then stays, and the next writer of ``p`` reuses and deletes it)."""
-    import fcntl
     import hashlib
 
     key = str(p)
     if key in _LOCKS:
         return
     f = _lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+    with _signals_deferred():      # a signal between creating the file and recording it would leave the file
+        _take_lock(f, key, p, flag)
+
+
+def _take_lock(f: Path, key: str, p: Path, flag: str) -> None:
+    import fcntl
+
     for _ in range(50):
         fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -171,11 +177,12 @@ def release_output(out: str | Path) -> None:
     """Drop this process's lock on ``out`` (after its write committed or failed) and delete the lock file."""
     key = str(Path(os.path.abspath(os.fspath(out))))
     _GUARDED.pop(key, None)
-    held = _LOCKS.pop(key, None)
-    if held is not None:
-        fd, f = held
-        Path(f).unlink(missing_ok=True)   # while still locked: a waiting opener re-checks the inode
-        os.close(fd)
+    with _signals_deferred():           # a signal between forgetting the lock and deleting it would leave the file
+        held = _LOCKS.pop(key, None)
+        if held is not None:
+            fd, f = held
+            Path(f).unlink(missing_ok=True)   # while still locked: a waiting opener re-checks the inode
+            os.close(fd)
 
 
 def release_all_outputs() -> None:
