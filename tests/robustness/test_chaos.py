@@ -53,7 +53,7 @@ def _commands(root: Path, ref: Path, work: Path, onnx: bool) -> list[Cmd]:
                                    "2", "--seq-len", "32", "--eval-every", "4", "--ckpt-every", "2", "--quiet",
                                    "--out", o], ["model.safetensors"]),
     ]
-    if onnx and _has("onnxruntime"):   # int8 ONNX is made from an f32 intermediate folder beside the output
+    if onnx and _has("onnxruntime"):   # int8 ONNX is made from an f32 intermediate folder inside the output's temp
         cmds.append(Cmd("export-onnx", lambda o: ["export", tiny, "--format", "onnx", "--quant", "int8", "--out", o],
                         ["model.onnx"]))
     if _has("llama_cpp"):      # a quantized GGUF is made from an f32 intermediate file beside the output
