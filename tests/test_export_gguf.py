@@ -108,11 +108,11 @@ def test_an_interrupt_after_the_intermediate_is_written_leaves_nothing(tmp_path,
     chaos test, 0.2 s into an export) removes the intermediate: nothing beside the output, and no output."""
     import exporters.gguf as G
 
-    m, d = make_model(tmp_path, "i", "gqa")
+    _, d = make_model(tmp_path, "i", "gqa")
     real = G.write_gguf
 
     def written_then_interrupted(*a, **k):
-        s = real(*a, **k)
+        real(*a, **k)
         assert Path(a[2]).is_file()                          # the intermediate is in place, finished
         raise KeyboardInterrupt
 
